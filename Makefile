@@ -1,0 +1,55 @@
+# The two commands of the README:
+#   make demo   set up everything on a fresh machine, fetch the demo data and run the pipeline
+#   make test   set up everything on a fresh machine and run lint, type checks and the test suite
+# Both are idempotent: set-up steps are skipped when already done.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: demo test setup system lint pytest s3-start s3-stop clean-state
+
+demo: setup
+	dvc repro
+	dvc push
+	dinoflow pipeline
+	@echo "Done. MLflow UI: make mlflow-ui | Prefect UI: make prefect-ui | metrics: dvc metrics show"
+
+test: setup lint pytest
+
+setup: system $(VENV)/.installed
+
+# Debian packages: the Fashion-MNIST demo data and a real S3-compatible server (Ceph RGW) for tests.
+system:
+	bash infra/setup-system.sh
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+pytest:
+	$(BIN)/python -m pytest -q -rs --durations=15
+
+mlflow-ui:
+	. infra/state-env.sh && $(BIN)/mlflow ui --backend-store-uri "$$MLFLOW_UI_URI" --host 127.0.0.1 --port 5000
+
+prefect-ui:
+	. infra/state-env.sh && $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# A real S3-compatible server on loopback for development (prints the AWS_* variables to export).
+s3-start:
+	bash infra/s3/ceph-rgw.sh install && bash infra/s3/ceph-rgw.sh start .dinoflow/ceph-rgw
+
+s3-stop:
+	bash infra/s3/ceph-rgw.sh stop .dinoflow/ceph-rgw
+
+clean-state:
+	rm -rf .dinoflow data metrics

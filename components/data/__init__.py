@@ -1,0 +1,1 @@
+"""Image data: the demo pool (Fashion-MNIST + bundled photos), IDX reading, manifests."""

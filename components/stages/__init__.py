@@ -1,0 +1,1 @@
+"""Stage entry points ``run_<stage>(context, config)`` shared by the CLI, DVC and Prefect."""

@@ -1,0 +1,130 @@
+"""The ``dinoflow`` command line.
+
+Stage commands run their stage as a Prefect flow on the configured Prefect API (the embedded,
+project-local one unless PREFECT_API_URL is set), or with ``--engine local`` as a plain function
+call. Either way the same ``components`` function does the work. Heavy imports (Prefect, MLflow,
+torch) happen inside the command that needs them so ``dinoflow --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from components.config import ConfigError
+
+DESCRIPTION = """\
+dinoflow builds your own DINOv2-class vision backbone: curate an image pool, pretrain a ViT with
+the DINOv2 recipe, distill it, evaluate it, and register it with its lineage in MLflow.
+
+Everything runs on embedded defaults (local object store, SQLite MLflow, project-local Prefect)
+inside the state folder .dinoflow/ unless params/project.yaml or the environment
+(DINOFLOW_STORE_URI, MLFLOW_TRACKING_URI, PREFECT_API_URL, AWS_*) point elsewhere.
+"""
+
+
+def _add_common(parser: argparse.ArgumentParser, default_params: str | None) -> None:
+    if default_params is not None:
+        parser.add_argument("--params", default=default_params,
+                            help=f"stage parameter file (default: {default_params})")
+    parser.add_argument("--project", default="params/project.yaml",
+                        help="project parameter file: object store and tracking (default: params/project.yaml)")
+
+
+def _add_engine(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("prefect", "local"), default="prefect",
+                        help="prefect: run as a Prefect flow (default); local: plain function call, no Prefect")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinoflow", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = commands.add_parser(
+        "data", help="fetch Fashion-MNIST and bundled photos; write the demo image pool and labels table",
+        description="Fetch the real demo images (Debian package dataset-fashion-mnist, scikit-image photos), "
+        "write one PNG per image to the object store, a labels table (parquet) beside them, the local "
+        "manifest data/demo/pool.parquet and metrics/data.json.")
+    _add_common(data, "params/data.yaml")
+    _add_engine(data)
+    data.set_defaults(handler=_cmd_data)
+
+    pipeline = commands.add_parser(
+        "pipeline", help="run every stage in order as one Prefect flow (the demo pipeline)",
+        description="Run all stages (currently: data) as sub-flows of one Prefect 'pipeline' flow, on the "
+        "embedded Prefect API unless PREFECT_API_URL is set. Each stage logs an MLflow run.")
+    _add_common(pipeline, None)
+    pipeline.set_defaults(handler=_cmd_pipeline)
+
+    info = commands.add_parser(
+        "info", help="show where state, objects, runs and flows go (resolved from params and environment)",
+        description="Print the resolved state folder, object store URI, MLflow tracking URI and Prefect API "
+        "as JSON. Credentials are never printed.")
+    _add_common(info, None)
+    info.set_defaults(handler=_cmd_info)
+    return parser
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.engine == "local":
+        from components.stages.context import make_context
+        from components.stages.data import load_data_config, run_data
+
+        context = make_context(args.project)
+        result = run_data(context, load_data_config(context.root / args.params))
+        outputs: dict[str, object] = {"manifest": str(result.manifest_path), "labels_uri": result.labels_uri,
+                                      "counts": result.counts}
+    else:
+        from flows.data import data_flow
+
+        outputs = data_flow(params=args.params, project_params=args.project)
+    print(json.dumps(outputs, indent=2))
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline_flow
+
+    print(json.dumps(pipeline_flow(project_params=args.project), indent=2, default=str))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import os
+
+    from components.config.project import load_project_config
+    from components.environment import apply_environment, project_root
+
+    root = project_root()
+    state = apply_environment(start=root)
+    project = load_project_config(root / args.project)
+    print(json.dumps({
+        "project_root": str(root),
+        "state_dir": str(state),
+        "store_uri": project.store_uri(state),
+        "mlflow_tracking_uri": project.tracking_uri(state),
+        "mlflow_experiment": project.tracking.experiment,
+        "prefect_api_url": os.environ.get("PREFECT_API_URL") or f"embedded (PREFECT_HOME={os.environ['PREFECT_HOME']})",
+    }, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"dinoflow: parameter error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"dinoflow: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

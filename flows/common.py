@@ -1,0 +1,21 @@
+"""Helpers shared by the stage flows: Prefect run ids as MLflow tags, markdown reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def prefect_tags() -> dict[str, str]:
+    """Tags linking an MLflow run to the Prefect flow run that made it (empty outside a flow)."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return {}
+    return {"prefect.flow_run_id": str(run_id), "prefect.flow_run_name": str(flow_run.get_name() or "")}
+
+
+def markdown_table(rows: Mapping[str, object], key_header: str = "key", value_header: str = "value") -> str:
+    lines = [f"| {key_header} | {value_header} |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows.items()]
+    return "\n".join(lines)
