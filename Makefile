@@ -25,10 +25,10 @@ setup: system $(VENV)/.installed
 system:
 	bash infra/setup-system.sh
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml infra/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c infra/constraints.txt -e ".[dev]"
 	touch $@
 
 lint:
