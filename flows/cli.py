@@ -52,9 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine(data)
     data.set_defaults(handler=_cmd_data)
 
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain a ViT backbone with the DINOv2 recipe; export and register the teacher",
+        description="Train with DINO + iBOT + KoLeo, an EMA teacher and multi-crop on the images of a manifest. "
+        "Rerunning the same command continues from the newest complete checkpoint. For several processes, "
+        "launch it under torchrun with --engine local: torchrun --nproc-per-node N -m flows.cli pretrain "
+        "--engine local. At the end the teacher backbone is exported (safetensors + config.json) and "
+        "registered in MLflow with the alias 'challenger'.")
+    _add_common(pretrain, "params/pretrain.yaml")
+    _add_engine(pretrain)
+    pretrain.set_defaults(handler=_cmd_pretrain)
+
     pipeline = commands.add_parser(
         "pipeline", help="run every stage in order as one Prefect flow (the demo pipeline)",
-        description="Run all stages (currently: data) as sub-flows of one Prefect 'pipeline' flow, on the "
+        description="Run all stages (currently: data, pretrain) as sub-flows of one Prefect 'pipeline' flow, on the "
         "embedded Prefect API unless PREFECT_API_URL is set. Each stage logs an MLflow run.")
     _add_common(pipeline, None)
     pipeline.set_defaults(handler=_cmd_pipeline)
@@ -82,6 +93,28 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
         outputs = data_flow(params=args.params, project_params=args.project)
     print(json.dumps(outputs, indent=2))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import os
+
+    if args.engine == "local" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from components.stages.context import make_context
+        from components.stages.pretrain import load_pretrain_config, run_pretrain
+
+        context = make_context(args.project)
+        out = run_pretrain(context, load_pretrain_config(context.root / args.params))
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        outputs: dict[str, object] = {"end_step": out.result.end_step, "total_steps": out.result.total_steps,
+                                      "backbone_dir": str(out.backbone_dir) if out.backbone_dir else None,
+                                      "mlflow_run_id": out.run_id, "model_version": out.model_version}
+    else:
+        from flows.pretrain import pretrain_flow
+
+        outputs = pretrain_flow(params=args.params, project_params=args.project)
+    print(json.dumps(outputs, indent=2, default=str))
     return 0
 
 

@@ -32,6 +32,7 @@ from components.ssl.dino_loss import DINOLoss, dino_n_loss_terms
 from components.ssl.ema import update_teacher
 from components.ssl.ibot_loss import iBOTPatchLoss
 from components.ssl.koleo import KoLeoLoss
+from components.ssl.monitoring import mean_entropy, normalized_feature_std
 from components.ssl.param_groups import build_param_groups
 
 N_GLOBAL_CROPS = 2
@@ -85,6 +86,18 @@ class SSLMetaArch(nn.Module):
                                              center_momentum=t.center_momentum)
         self.koleo_loss = KoLeoLoss()
         self.num_layers = len(student_backbone.blocks)
+        # Detached outputs of the last step, for the collapse monitors (no extra forward needed).
+        self._last_teacher_probs: Tensor | None = None
+        self._last_global_cls: Tensor | None = None
+
+    def last_step_monitors(self) -> dict[str, float]:
+        """Teacher target entropy and std of the student's normalised global CLS features, last step."""
+        out: dict[str, float] = {}
+        if self._last_teacher_probs is not None:
+            out["teacher_entropy"] = mean_entropy(self._last_teacher_probs)
+        if self._last_global_cls is not None:
+            out["student_cls_std"] = normalized_feature_std(self._last_global_cls)
+        return out
 
     # ---- typed access to the sub-modules (ModuleDict indexing is untyped) -----------------------
     def backbone(self, which: str = "student") -> DinoVisionTransformer:
@@ -162,6 +175,7 @@ class SSLMetaArch(nn.Module):
             if patch_out is not None:
                 ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                     patch_out, teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"])
+        self._last_teacher_probs = dino_targets.detach()
         return dino_targets.view(N_GLOBAL_CROPS, -1, dino_targets.shape[-1]), ibot_targets
 
     def student_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -208,6 +222,7 @@ class SSLMetaArch(nn.Module):
             dino_targets, ibot_targets = self.teacher_targets(batch, teacher_temp)
             student = self.student_outputs(batch)
         student = {k: v.float() for k, v in student.items()}
+        self._last_global_cls = student["global_cls_features"].detach()
 
         losses: dict[str, Tensor] = {}
         total = torch.zeros((), device=device)

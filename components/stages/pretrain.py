@@ -1,0 +1,93 @@
+"""The ``pretrain`` stage: train with the DINOv2 recipe, export the teacher backbone, register it.
+
+Runs as one plain process or under torchrun (every rank calls :func:`run_pretrain`; only rank 0
+talks to MLflow). Rerunning the same command after a crash continues from the newest complete
+checkpoint in ``run.output_dir/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.models.export import save_backbone
+from components.stages.context import StageContext
+from components.tracking import stage_run
+from components.train.config import PretrainConfig, load_pretrain_config
+from components.train.distributed import barrier, init_distributed, shutdown_distributed
+from components.train.engine import PretrainResult, run_pretraining
+from components.train.tracking import MlflowStepTracker
+
+__all__ = ["PretrainOutputs", "load_pretrain_config", "run_pretrain"]
+
+
+@dataclass(frozen=True)
+class PretrainOutputs:
+    result: PretrainResult
+    backbone_dir: Path | None  # exported teacher backbone (rank 0, when training finished)
+    run_id: str | None
+    model_version: str | None
+
+
+def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
+    env = init_distributed(cfg.run.device)
+    try:
+        if not env.is_main:
+            result, _ = run_pretraining(cfg, env, context.root)
+            return PretrainOutputs(result, None, None, None)
+        import mlflow
+
+        with stage_run(context.tracking, "pretrain", cfg, tags={**context.tags,
+                       "dinoflow.world_size": str(env.world_size)}) as run:
+            mlflow.enable_system_metrics_logging()
+            tracker = MlflowStepTracker(cfg.objective.optim.iterations, start_step=0)
+            result, model = run_pretraining(cfg, env, context.root, tracker)
+            backbone_dir = version = None
+            if result.finished:
+                backbone_dir = export_teacher(cfg, context.root, model, run.info.run_id, result)
+                mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
+                version = register(cfg.run.registered_model_name, run.info.run_id)
+            mlflow.log_metrics({"final_step": float(result.end_step), "skipped_images": float(result.skipped_images)})
+            write_metrics(context.root, cfg, result)
+        barrier()
+        return PretrainOutputs(result, backbone_dir, run.info.run_id, version)
+    finally:
+        shutdown_distributed()
+
+
+def export_teacher(cfg: PretrainConfig, root: Path, model: object, run_id: str, result: PretrainResult) -> Path:
+    """The EMA teacher's backbone (the model users want) as safetensors + config.json."""
+    from components.ssl.meta_arch import SSLMetaArch
+
+    assert isinstance(model, SSLMetaArch)
+    crops = cfg.crops
+    return save_backbone(
+        model.backbone("teacher"), cfg.backbone, root / cfg.run.output_dir / "backbone",
+        mean=crops.normalize_mean, std=crops.normalize_std,
+        metadata={"mlflow_run_id": run_id, "step": result.end_step, "global_crops_size": crops.global_crops_size},
+    )
+
+
+def register(name: str, run_id: str) -> str:
+    """Register the run's backbone artifacts as a new version of ``name`` and point ``challenger`` at it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    with contextlib.suppress(MlflowException):  # already registered
+        client.create_registered_model(name)
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri}/backbone"
+    version = client.create_model_version(name, source, run_id=run_id, tags={"dinoflow.kind": "backbone"})
+    client.set_registered_model_alias(name, "challenger", version.version)
+    return str(version.version)
+
+
+def write_metrics(root: Path, cfg: PretrainConfig, result: PretrainResult) -> None:
+    path = root / cfg.run.output_dir / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"pretrain": {"final_step": result.end_step, "skipped_images": result.skipped_images,
+                            **{k: round(v, 6) for k, v in result.last_losses.items()}}}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,77 @@
+"""Typed parameters of a pretraining run (``params/pretrain.yaml``).
+
+The objective (``dino``, ``ibot``, ``teacher``, ``optim``, ``precision``) has the official defaults;
+presets override them (``params/pretrain.yaml`` ships the CPU preset for Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from components.config import load_config
+from components.data.multicrop import MultiCropConfig
+from components.models import BackboneConfig
+from components.ssl.config import ObjectiveConfig
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "data/demo/pool.parquet"  # parquet with a `uri` column (and optionally `split`)
+    splits: list[str] = field(default_factory=list)  # keep only these `split` values; empty = all rows
+    batch_size_per_rank: int = 64
+    num_workers: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.batch_size_per_rank < 1 or self.num_workers < 0:
+            raise ValueError("batch_size_per_rank must be >= 1 and num_workers >= 0")
+
+
+@dataclass
+class HighResConfig:
+    """The paper's high-resolution adaptation: the last ``iterations`` steps at larger crops."""
+
+    enabled: bool = False
+    iterations: int = 10_000
+    global_crops_size: int = 518
+    local_crops_size: int = 112
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/pretrain"  # checkpoints and the exported backbone
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    registered_model_name: str = "dinoflow-backbone"
+    max_steps: int = 0  # stop early after this many steps of this invocation (0 = run to the end)
+
+    def validate(self) -> None:
+        if self.checkpoint_every < 1 or self.keep_last < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every, keep_last and log_every must be >= 1")
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    highres: HighResConfig = field(default_factory=HighResConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        if self.crops.global_crops_size % self.backbone.patch_size:
+            raise ValueError(
+                f"crops.global_crops_size {self.crops.global_crops_size} must be a multiple of "
+                f"backbone.patch_size {self.backbone.patch_size}"
+            )
+        if self.highres.enabled and self.highres.iterations >= self.objective.optim.iterations:
+            raise ValueError("highres.iterations must be smaller than objective.optim.iterations")
+
+
+def load_pretrain_config(path: str | Path = "params/pretrain.yaml") -> PretrainConfig:
+    return load_config(PretrainConfig, path, section="pretrain")

@@ -1,0 +1,303 @@
+"""The pretraining loop: data stream, schedules, objective step, EMA, checkpoints, tracking.
+
+Readable on purpose (nanoGPT-style): one function builds the pieces, one loop runs them. What makes
+a resumed run equal to an uninterrupted one:
+
+- the data stream is a global, seeded sequence; a step consumes exactly ``global_batch`` positions,
+  so step ``s`` always starts at position ``s * global_batch`` (also on another world size);
+- each sample's augmentation is seeded by its stream position (epoch-tagged index), not by the
+  worker or the rank that loads it;
+- iBOT masks are drawn in the main process from a generator seeded by (seed, step);
+- model, teacher, heads, loss centers, optimizer, step and the torch RNG (drop path) are in every
+  checkpoint; a checkpoint is written only after a finite step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from components.config import to_mapping
+from components.data.collate import collate_data_and_cast
+from components.data.manifest_dataset import (
+    CollatedWithSkips,
+    ManifestImageDataset,
+    build_pretrain_loader,
+    skip_corrupt,
+)
+from components.data.masking import MaskingGenerator
+from components.data.multicrop import DataAugmentationDINO, MultiCropConfig
+from components.data.sampler import InfiniteShardedSampler
+from components.ssl.meta_arch import SSLMetaArch
+from components.ssl.param_groups import apply_schedules
+from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_lr
+from components.train import checkpoint as ckpt
+from components.train.config import PretrainConfig
+from components.train.distributed import DistEnv, all_reduce_gradients, barrier, broadcast_module
+from components.train.tracking import NullTracker, StepTracker, flops_per_image, peak_flops
+
+log = logging.getLogger(__name__)
+
+
+MAX_UNREADABLE_BATCHES = 20
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint to resume from belongs to a run with another architecture."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; training stopped and the last good checkpoint was kept."""
+
+
+@dataclass
+class PretrainResult:
+    start_step: int
+    end_step: int  # the first step not done
+    total_steps: int
+    checkpoint: Path | None
+    skipped_images: int = 0
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.end_step >= self.total_steps
+
+
+def schedules_for(cfg: PretrainConfig, global_batch: int) -> TrainingSchedules:
+    o, t = cfg.objective.optim, cfg.objective.teacher
+    return build_schedules(
+        total_iters=o.iterations, lr=scaled_lr(o.base_lr, global_batch, o.scaling_rule), min_lr=o.min_lr,
+        warmup_iters=o.warmup_iters, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
+        momentum_teacher=t.momentum_teacher, final_momentum_teacher=t.final_momentum_teacher,
+        teacher_temp=t.teacher_temp, warmup_teacher_temp=t.warmup_teacher_temp,
+        warmup_teacher_temp_iters=t.warmup_teacher_temp_iters, freeze_last_layer_iters=o.freeze_last_layer_iters,
+    )
+
+
+def crops_for_step(cfg: PretrainConfig, step: int) -> MultiCropConfig:
+    """The crop config of ``step``: the high-resolution phase uses larger crops for its last iterations."""
+    h = cfg.highres
+    if h.enabled and step >= cfg.objective.optim.iterations - h.iterations:
+        return dataclasses.replace(cfg.crops, global_crops_size=h.global_crops_size,
+                                   local_crops_size=h.local_crops_size)
+    return cfg.crops
+
+
+def step_seed(seed: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, step, 0x6D61736B]).generate_state(1)[0])
+
+
+def transform_for(crops: MultiCropConfig) -> Callable[[Any, int], Any]:
+    augment = DataAugmentationDINO(crops)
+    return augment.__call__
+
+
+class DataStream:
+    """Per-rank lists of augmented samples for each step, restartable at any step and crop phase."""
+
+    def __init__(self, cfg: PretrainConfig, env: DistEnv, root: Path) -> None:
+        self.cfg, self.env = cfg, env
+        manifest = Path(cfg.data.manifest)
+        self.manifest = manifest if manifest.is_absolute() else root / manifest
+        import polars as pl
+
+        frame = pl.read_parquet(self.manifest)
+        if cfg.data.splits:
+            frame = frame.filter(pl.col("split").is_in(cfg.data.splits))
+        if frame.height == 0:
+            raise ValueError(f"{self.manifest}: no images (after keeping splits {cfg.data.splits})")
+        self.frame = frame
+        self._iterator: Iterator[CollatedWithSkips | None] | None = None
+        self._crops: MultiCropConfig | None = None
+        # Global stream position of the first sample of step ``_anchor_step``; a checkpoint stores the
+        # position, so a resume with another world size (another global batch) continues the stream.
+        self._anchor_step, self._anchor_position = 0, 0
+
+    def seek(self, step: int, position: int) -> None:
+        self._anchor_step, self._anchor_position = step, position
+        self._iterator = None
+
+    def position(self, step: int) -> int:
+        """Global stream position of the first sample of ``step``."""
+        return self._anchor_position + (step - self._anchor_step) * self.global_batch
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size_per_rank * self.env.world_size
+
+    def batches(self, step: int) -> CollatedWithSkips | None:
+        crops = crops_for_step(self.cfg, step)
+        if self._iterator is None or crops != self._crops:
+            self._iterator = iter(self._loader(crops, start=self.position(step)))
+            self._crops = crops
+        return next(self._iterator)
+
+    def _loader(self, crops: MultiCropConfig, start: int) -> torch.utils.data.DataLoader[Any]:
+        d = self.cfg.data
+        dataset = ManifestImageDataset(self.frame, transform_for(crops), seed=d.seed)
+        sampler = InfiniteShardedSampler(len(dataset), rank=self.env.rank, world_size=self.env.world_size,
+                                         seed=d.seed, start=start, tag_epoch=True)
+        return build_pretrain_loader(dataset, sampler, d.batch_size_per_rank, skip_corrupt(list),
+                                     num_workers=d.num_workers, seed=d.seed, rank=self.env.rank)
+
+
+def collate_step(cfg: PretrainConfig, samples: list[Any], step: int, device: torch.device) -> dict[str, Tensor]:
+    """Stack the crops and draw this step's iBOT masks (seeded by step, so a resumed run draws the same)."""
+    crops = crops_for_step(cfg, step)
+    grid = crops.global_crops_size // cfg.backbone.patch_size
+    ibot = cfg.objective.ibot
+    masker = MaskingGenerator(grid, max_num_patches=0.5 * grid * grid)
+    batch = collate_data_and_cast(samples, ibot.mask_ratio_min_max, ibot.mask_sample_probability,
+                                  n_tokens=grid * grid, mask_generator=masker,
+                                  rng=random.Random(step_seed(cfg.data.seed, step)))
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
+
+
+def check_finite(losses: dict[str, Tensor], step: int) -> None:
+    for name, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFiniteLossError(
+                f"step {step}: loss term '{name}' is {float(value)}; stopped without saving this step, "
+                "the last good checkpoint is kept. Lower the lr, check the data, or resume from it."
+            )
+
+
+def build_model(cfg: PretrainConfig, env: DistEnv) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
+    model = SSLMetaArch(cfg.backbone, cfg.objective).to(env.device).train()
+    o = cfg.objective.optim
+    optimizer = torch.optim.AdamW(model.param_groups(), betas=(o.adamw_beta1, o.adamw_beta2))
+    return model, optimizer
+
+
+def architecture_fingerprint(cfg: PretrainConfig) -> str:
+    """The params a checkpoint's tensors depend on; resuming with others would load wrong shapes or heads."""
+    o = cfg.objective
+    return json.dumps({"backbone": to_mapping(cfg.backbone), "dino_head": to_mapping(o.dino.head),
+                       "ibot_head": to_mapping(o.ibot.head), "separate_head": o.ibot.separate_head},
+                      sort_keys=True)
+
+
+def checkpoint_state(model: SSLMetaArch, optimizer: torch.optim.Optimizer, step: int, data_position: int,
+                     fingerprint: str) -> dict[str, Any]:
+    for loss in (model.dino_loss, model.ibot_patch_loss):
+        loss.apply_center_update()  # a pending (lazy) center update must be in the saved buffers
+    return {"model": model, "optimizer": optimizer,
+            "extra": {"step": step, "data_position": data_position, "torch_rng": torch.get_rng_state(),
+                      "architecture": fingerprint}}
+
+
+def check_same_architecture(path: Path, fingerprint: str) -> None:
+    probe: dict[str, Any] = {"extra": {"architecture": ""}}
+    ckpt.load_checkpoint(path, probe)
+    if probe["extra"]["architecture"] != fingerprint:
+        raise CheckpointMismatchError(
+            f"{path} was written by a run with another backbone or head ({probe['extra']['architecture']}); "
+            f"this run has {fingerprint}. Use another run.output_dir, or delete the old checkpoints."
+        )
+
+
+def restore(model: SSLMetaArch, optimizer: torch.optim.Optimizer, directory: Path, env: DistEnv,
+            fingerprint: str) -> tuple[int, int]:
+    """Load the newest complete checkpoint, if any; returns (step, data stream position) to start from."""
+    latest = ckpt.latest_checkpoint(directory)
+    if latest is None:
+        return 0, 0
+    check_same_architecture(latest, fingerprint)
+    state = checkpoint_state(model, optimizer, 0, 0, fingerprint)
+    ckpt.load_checkpoint(latest, state)
+    torch.set_rng_state(state["extra"]["torch_rng"])
+    step, position = int(state["extra"]["step"]), int(state["extra"]["data_position"])
+    if env.is_main:
+        log.info("resumed from %s at step %d (data position %d)", latest, step, position)
+    return step, position
+
+
+def save(model: SSLMetaArch, optimizer: torch.optim.Optimizer, directory: Path, step: int, keep_last: int,
+         env: DistEnv, data_position: int, fingerprint: str) -> Path:
+    path = ckpt.save_checkpoint(directory, step, checkpoint_state(model, optimizer, step, data_position, fingerprint))
+    if env.is_main:
+        ckpt.prune_checkpoints(directory, keep_last)
+    barrier()
+    return path
+
+
+def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTracker | None = None
+                    ) -> tuple[PretrainResult, SSLMetaArch]:
+    """Train (or continue training) until ``objective.optim.iterations`` or ``run.max_steps`` more steps."""
+    tracker = tracker or NullTracker()
+    output = root / cfg.run.output_dir
+    checkpoints = output / "checkpoints"
+    torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank (and broadcast below)
+    model, optimizer = build_model(cfg, env)
+    broadcast_module(model)
+    torch.manual_seed(cfg.data.seed + env.rank)  # drop path draws differ per rank; restored on resume
+    fingerprint = architecture_fingerprint(cfg)
+    start, position = restore(model, optimizer, checkpoints, env, fingerprint)
+    total = cfg.objective.optim.iterations
+    stream = DataStream(cfg, env, root)
+    stream.seek(start, position)
+    schedules = schedules_for(cfg, stream.global_batch)
+    end = total if cfg.run.max_steps <= 0 else min(total, start + cfg.run.max_steps)
+    image_flops = flops_per_image(model, cfg.crops.global_crops_size, cfg.crops.local_crops_size,
+                                  cfg.crops.local_crops_number, env.device) if env.is_main else 0.0
+    peak = peak_flops(env.device)
+    result = PretrainResult(start_step=start, end_step=start, total_steps=total, checkpoint=None)
+    last_saved, unreadable_in_a_row = start, 0
+    tick, steps_since_tick = time.perf_counter(), 0
+    for step in range(start, end):
+        loaded = stream.batches(step)
+        if loaded is None:  # every image of this batch was unreadable: counted, step skipped
+            result.skipped_images += cfg.data.batch_size_per_rank
+            result.end_step = step + 1
+            unreadable_in_a_row += 1
+            if unreadable_in_a_row >= MAX_UNREADABLE_BATCHES:
+                raise RuntimeError(f"{unreadable_in_a_row} batches in a row had no readable image (step {step}): "
+                                   f"check the manifest {stream.manifest} and the object store credentials")
+            continue
+        unreadable_in_a_row = 0
+        result.skipped_images += loaded.n_skipped
+        batch = collate_step(cfg, loaded.batch, step, env.device)
+        values = schedules.at(step)
+        apply_schedules(optimizer.param_groups, values["lr"], values["wd"], values["last_layer_lr"])
+        optimizer.zero_grad(set_to_none=True)
+        losses = model.forward_backward(batch, teacher_temp=values["teacher_temp"])
+        check_finite(losses, step)
+        all_reduce_gradients((p for p in model.student.parameters() if p.requires_grad), env.world_size)
+        grad_norms = model.clip_gradients(cfg.objective.optim.clip_grad) if cfg.objective.optim.clip_grad > 0 else {}
+        optimizer.step()
+        model.update_teacher(values["momentum"])
+        result.end_step = step + 1
+        result.last_losses = {k: float(v) for k, v in losses.items()}
+        steps_since_tick += 1
+        if (step + 1) % cfg.run.log_every == 0 or step == end - 1:
+            now = time.perf_counter()
+            images_per_second = steps_since_tick * stream.global_batch / max(now - tick, 1e-9)
+            tick, steps_since_tick = now, 0
+            metrics = {**result.last_losses, **values, **model.last_step_monitors(),
+                       "images_per_second": images_per_second, "skipped_images": float(result.skipped_images),
+                       **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
+            if peak:
+                metrics["mfu"] = images_per_second * image_flops / (peak * env.world_size)
+            tracker.log_step(step, metrics)
+        if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == end:
+            result.checkpoint = save(model, optimizer, checkpoints, step + 1, cfg.run.keep_last, env,
+                                     stream.position(step + 1), fingerprint)
+            last_saved = step + 1
+    if result.end_step > last_saved:  # skipped tail steps: persist the position anyway
+        result.checkpoint = save(model, optimizer, checkpoints, result.end_step, cfg.run.keep_last, env,
+                                 stream.position(result.end_step), fingerprint)
+    tracker.close()
+    return result, model
