@@ -47,6 +47,7 @@ class ParamGroupSpec:
     lr_multiplier: float
     wd_multiplier: float
     is_last_layer: bool
+    is_backbone: bool = False  # frozen (lr 0) during a head warm-up of continued pretraining
 
 
 def param_group_spec(
@@ -65,6 +66,7 @@ def param_group_spec(
         lr_multiplier=lr_multiplier,
         wd_multiplier=0.0 if has_no_weight_decay(name, param) else 1.0,
         is_last_layer="last_layer" in name,
+        is_backbone=in_backbone,
     )
 
 
@@ -90,14 +92,21 @@ def build_param_groups(
             fused.setdefault(spec, []).append(param)
     return [
         {"params": params, "lr_multiplier": spec.lr_multiplier, "wd_multiplier": spec.wd_multiplier,
-         "is_last_layer": spec.is_last_layer, "lr": 0.0, "weight_decay": 0.0}
+         "is_last_layer": spec.is_last_layer, "is_backbone": spec.is_backbone, "lr": 0.0, "weight_decay": 0.0}
         for spec, params in fused.items()
     ]
 
 
-def apply_schedules(param_groups: Iterable[dict[str, Any]], lr: float, wd: float, last_layer_lr: float) -> None:
-    """Set each group's lr and weight decay for this iteration from the schedules' values."""
+def apply_schedules(param_groups: Iterable[dict[str, Any]], lr: float, wd: float, last_layer_lr: float,
+                    backbone_frozen: bool = False) -> None:
+    """Set each group's lr and weight decay for this iteration from the schedules' values.
+
+    ``backbone_frozen`` gives the backbone groups lr 0 (AdamW's decoupled decay is scaled by the lr,
+    so the weights do not move either), as the head warm-up of continued pretraining needs.
+    """
     for group in param_groups:
         base = last_layer_lr if group["is_last_layer"] else lr
+        if backbone_frozen and group.get("is_backbone", False):
+            base = 0.0
         group["lr"] = base * group["lr_multiplier"]
         group["weight_decay"] = wd * group["wd_multiplier"]
