@@ -48,6 +48,13 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     registered_model_name: str = "dinoflow-backbone"
     max_steps: int = 0  # stop early after this many steps of this invocation (0 = run to the end)
+    # Data parallelism (components/train/parallel.py): "ddp" = full replica per rank + gradient all-reduce;
+    # "fsdp" = FSDP2 sharding of student and teacher (gradients reduce-scattered, optimizer state sharded);
+    # "auto" = fsdp when world size > 1 on CUDA, else ddp. A single process never shards.
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # FSDP parameter dtype for forward/backward (the MixedPrecisionPolicy's param_dtype; gradients are always
+    # reduced in fp32 and the sharded master weights stay fp32). bf16 is meant for GPUs; use fp32 on CPU/gloo.
+    fsdp_param_dtype: Literal["bf16", "fp32"] = "bf16"
 
     def validate(self) -> None:
         if self.checkpoint_every < 1 or self.keep_last < 1 or self.log_every < 1:

@@ -46,6 +46,7 @@ from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_
 from components.train import checkpoint as ckpt
 from components.train.config import PretrainConfig
 from components.train.distributed import DistEnv, all_reduce_gradients, barrier, broadcast_module
+from components.train.parallel import param_dtype_for, resolve_strategy, shard_meta_arch
 from components.train.tracking import NullTracker, StepTracker, flops_per_image, peak_flops
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,12 @@ def check_finite(losses: dict[str, Tensor], step: int) -> None:
 
 
 def build_model(cfg: PretrainConfig, env: DistEnv) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
+    """Model with the same initial weights on every rank (sharded under FSDP), then its optimizer, which
+    must be built after sharding so that it holds the sharded parameters."""
     model = SSLMetaArch(cfg.backbone, cfg.objective).to(env.device).train()
+    broadcast_module(model)
+    if resolve_strategy(cfg.run.strategy, env) == "fsdp":
+        shard_meta_arch(model, param_dtype_for(cfg.run.fsdp_param_dtype), torch.float32)
     o = cfg.objective.optim
     optimizer = torch.optim.AdamW(model.param_groups(), betas=(o.adamw_beta1, o.adamw_beta2))
     return model, optimizer
@@ -240,9 +246,9 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
     tracker = tracker or NullTracker()
     output = root / cfg.run.output_dir
     checkpoints = output / "checkpoints"
-    torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank (and broadcast below)
+    torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank (and broadcast in build_model)
     model, optimizer = build_model(cfg, env)
-    broadcast_module(model)
+    fsdp = resolve_strategy(cfg.run.strategy, env) == "fsdp"
     torch.manual_seed(cfg.data.seed + env.rank)  # drop path draws differ per rank; restored on resume
     fingerprint = architecture_fingerprint(cfg)
     start, position = restore(model, optimizer, checkpoints, env, fingerprint)
@@ -251,8 +257,9 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
     stream.seek(start, position)
     schedules = schedules_for(cfg, stream.global_batch)
     end = total if cfg.run.max_steps <= 0 else min(total, start + cfg.run.max_steps)
+    # Under FSDP the counting forward all-gathers parameters, a collective: every rank must run it.
     image_flops = flops_per_image(model, cfg.crops.global_crops_size, cfg.crops.local_crops_size,
-                                  cfg.crops.local_crops_number, env.device) if env.is_main else 0.0
+                                  cfg.crops.local_crops_number, env.device) if env.is_main or fsdp else 0.0
     peak = peak_flops(env.device)
     result = PretrainResult(start_step=start, end_step=start, total_steps=total, checkpoint=None)
     last_saved, unreadable_in_a_row = start, 0
@@ -275,7 +282,8 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
         optimizer.zero_grad(set_to_none=True)
         losses = model.forward_backward(batch, teacher_temp=values["teacher_temp"])
         check_finite(losses, step)
-        all_reduce_gradients((p for p in model.student.parameters() if p.requires_grad), env.world_size)
+        if not fsdp:  # FSDP has already reduce-scattered the gradients in backward
+            all_reduce_gradients((p for p in model.student.parameters() if p.requires_grad), env.world_size)
         grad_norms = model.clip_gradients(cfg.objective.optim.clip_grad) if cfg.objective.optim.clip_grad > 0 else {}
         optimizer.step()
         model.update_teacher(values["momentum"])

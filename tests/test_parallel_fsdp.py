@@ -1,0 +1,113 @@
+"""FSDP2 strategy on 2 gloo processes: equals the all-reduce strategy, and its checkpoint resumes on 1 process."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypedDict
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from components.config import from_mapping, to_mapping
+from components.train.config import PretrainConfig
+from components.train.distributed import DistEnv, init_distributed, shutdown_distributed
+from components.train.engine import run_pretraining
+from components.train.parallel import full_state_dict, is_sharded
+from tests.test_pretrain_distributed import free_port
+from tests.test_pretrain_engine import tiny_config, write_pool
+
+
+class RunRecord(TypedDict):
+    end: int
+    losses: dict[str, float]
+    sharded: bool
+    teacher_frozen: bool
+    student: dict[str, torch.Tensor]  # gathered full tensors
+    grad_norms: list[dict[str, float]]  # per step, per student module (what clip_gradients measured)
+
+
+class GradNormTracker:
+    """Keeps the logged gradient norms; under FSDP they must be the global norms, not a shard's."""
+
+    def __init__(self) -> None:
+        self.norms: list[dict[str, float]] = []
+
+    def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.norms.append({k: v for k, v in metrics.items() if k.startswith("grad_norm_")})
+
+    def close(self) -> None:
+        return None
+
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def worker(rank: int, world: int, port: int, cfg_maps: dict[str, dict[str, object]], root: str, out: str) -> None:
+    """Run every named config in turn in one process group (one spawn: the imports dominate the test time)."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    try:
+        for name, cfg_map in cfg_maps.items():
+            tracker = GradNormTracker()
+            result, model = run_pretraining(from_mapping(PretrainConfig, cfg_map), env, Path(root), tracker)
+            student = full_state_dict(model.student)  # a collective under FSDP: every rank gathers
+            record: RunRecord = {
+                "end": result.end_step, "losses": result.last_losses, "sharded": is_sharded(model.student),
+                "teacher_frozen": not any(p.requires_grad for p in model.teacher.parameters()), "student": student,
+                "grad_norms": tracker.norms,
+            }
+            torch.save(record, Path(out) / f"{name}_rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def run_two(cfgs: dict[str, PretrainConfig], root: Path, out: Path) -> dict[str, list[RunRecord]]:
+    out.mkdir(parents=True, exist_ok=True)
+    maps = {name: to_mapping(cfg) for name, cfg in cfgs.items()}
+    mp.spawn(worker, args=(2, free_port(), maps, str(root), str(out)), nprocs=2, join=True)
+    return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)] for name in cfgs}
+
+
+def config(manifest: Path, output: Path, strategy: str, **run: object) -> PretrainConfig:
+    cfg = tiny_config(manifest, output, iterations=4, **run)
+    cfg.data.batch_size_per_rank = 2
+    cfg.run.checkpoint_every = 3  # one checkpoint, at the end of the 2-process runs
+    cfg.run.strategy = strategy  # type: ignore[assignment]
+    cfg.objective.optim.clip_grad = 0.05  # below the measured norms, so clipping is active
+    cfg.run.fsdp_param_dtype = "fp32"  # bf16 on CPU/gloo is slow and not comparable at fp32 tolerance
+    return cfg
+
+
+@pytest.mark.slow
+def test_fsdp_equals_all_reduce_and_resumes_on_one_process(tmp_path: Path) -> None:
+    manifest = write_pool(tmp_path, corrupt=False)
+    tick = time.perf_counter()
+    runs = run_two({strategy: config(manifest, tmp_path / strategy, strategy, max_steps=3)
+                    for strategy in ("fsdp", "ddp")}, tmp_path, tmp_path / "out")
+    fsdp, ddp = runs["fsdp"], runs["ddp"]
+    print(f"2-process fsdp and ddp runs: {time.perf_counter() - tick:.1f} s")
+    assert [r["end"] for r in fsdp] == [3, 3] and all(r["sharded"] and r["teacher_frozen"] for r in fsdp)
+    assert not ddp[0]["sharded"]
+    for losses in (fsdp[0]["losses"], ddp[0]["losses"]):
+        assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    print("grad norms fsdp", fsdp[0]["grad_norms"], "ddp", ddp[0]["grad_norms"])
+    assert len(fsdp[0]["grad_norms"]) == 3 and all(fsdp[0]["grad_norms"])
+    for f_step, d_step in zip(fsdp[0]["grad_norms"], ddp[0]["grad_norms"], strict=True):
+        assert f_step.keys() == d_step.keys()
+        for key in d_step:
+            assert abs(f_step[key] - d_step[key]) <= 1e-4 * d_step[key] and d_step[key] > 0.05, key
+    expected, got = ddp[0]["student"], fsdp[0]["student"]
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(fsdp[1]["student"][key], got[key], rtol=0, atol=0, msg=key)
+    # The FSDP run's sharded DCP checkpoint (step 3) resumes in one plain process.
+    result, model = run_pretraining(config(manifest, tmp_path / "fsdp", "ddp"), CPU, tmp_path)
+    assert result.start_step == 3 and result.finished and not is_sharded(model)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.last_losses.values())
