@@ -186,3 +186,26 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> 
         run_pretraining(other, CPU, tmp_path)
     longer, _ = run_pretraining(tiny_config(manifest, tmp_path / "out", iterations=4), CPU, tmp_path)
     assert longer.start_step == 2 and longer.finished  # extending the schedule is allowed
+
+
+def test_continued_pretraining_warms_up_heads_with_the_backbone_frozen(tmp_path: Path) -> None:
+    from components.models import build_backbone
+    from components.models.export import save_backbone
+
+    manifest = write_pool(tmp_path, corrupt=False)
+    cfg = tiny_config(manifest, tmp_path / "out", iterations=2)
+    torch.manual_seed(123)
+    pretrained = build_backbone(cfg.backbone)
+    save_backbone(pretrained, cfg.backbone, tmp_path / "released")
+    cfg.run.init_backbone = str(tmp_path / "released")
+    cfg.run.head_warmup_iters = 2
+    cfg.objective.optim.freeze_last_layer_iters = 0
+    _, model = run_pretraining(cfg, CPU, tmp_path)
+    for key, value in pretrained.state_dict().items():
+        torch.testing.assert_close(model.backbone("student").state_dict()[key], value, rtol=0, atol=0, msg=key)
+        # EMA of equal weights: m*t + (1-m)*t is t up to float rounding
+        torch.testing.assert_close(model.backbone("teacher").state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    cfg.objective.optim.iterations = 3  # one more step, past the warm-up: now the backbone moves
+    _, model = run_pretraining(cfg, CPU, tmp_path)
+    moved = model.backbone("student").blocks[0].attn.qkv.weight
+    assert not torch.equal(moved, pretrained.blocks[0].attn.qkv.weight)

@@ -56,7 +56,15 @@ class RunConfig:
     # reduced in fp32 and the sharded master weights stay fp32). bf16 is meant for GPUs; use fp32 on CPU/gloo.
     fsdp_param_dtype: Literal["bf16", "fp32"] = "bf16"
 
+    # Continued pretraining: start the student and teacher backbones from existing weights (a dinoflow
+    # backbone folder, a .safetensors/.pth state_dict, an official training checkpoint, or hub:<name>),
+    # with the backbone frozen (lr 0) for the first head_warmup_iters steps while the new heads warm up.
+    init_backbone: str = ""
+    head_warmup_iters: int = 0
+
     def validate(self) -> None:
+        if self.head_warmup_iters < 0:
+            raise ValueError("head_warmup_iters must be >= 0")
         if self.checkpoint_every < 1 or self.keep_last < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every, keep_last and log_every must be >= 1")
 

@@ -40,6 +40,7 @@ from components.data.manifest_dataset import (
 from components.data.masking import MaskingGenerator
 from components.data.multicrop import DataAugmentationDINO, MultiCropConfig
 from components.data.sampler import InfiniteShardedSampler
+from components.models.pretrained import load_pretrained_backbone
 from components.ssl.meta_arch import SSLMetaArch
 from components.ssl.param_groups import apply_schedules
 from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_lr
@@ -176,10 +177,22 @@ def check_finite(losses: dict[str, Tensor], step: int) -> None:
             )
 
 
+def initialise_backbones(model: SSLMetaArch, source: str, env: DistEnv) -> None:
+    """Continued pretraining: student and teacher backbones from ``source`` (a resume then overrides
+    them with the checkpoint, so this only matters for a fresh run)."""
+    student = model.backbone("student")
+    notes = load_pretrained_backbone(student, source)
+    model.backbone("teacher").load_state_dict(student.state_dict())
+    if env.is_main:
+        log.info("backbones initialised from %s%s", source, f" ({'; '.join(notes)})" if notes else "")
+
+
 def build_model(cfg: PretrainConfig, env: DistEnv) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
     """Model with the same initial weights on every rank (sharded under FSDP), then its optimizer, which
     must be built after sharding so that it holds the sharded parameters."""
     model = SSLMetaArch(cfg.backbone, cfg.objective).to(env.device).train()
+    if cfg.run.init_backbone:
+        initialise_backbones(model, cfg.run.init_backbone, env)
     broadcast_module(model)
     if resolve_strategy(cfg.run.strategy, env) == "fsdp":
         shard_meta_arch(model, param_dtype_for(cfg.run.fsdp_param_dtype), torch.float32)
@@ -278,7 +291,8 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
         result.skipped_images += loaded.n_skipped
         batch = collate_step(cfg, loaded.batch, step, env.device)
         values = schedules.at(step)
-        apply_schedules(optimizer.param_groups, values["lr"], values["wd"], values["last_layer_lr"])
+        apply_schedules(optimizer.param_groups, values["lr"], values["wd"], values["last_layer_lr"],
+                        backbone_frozen=step < cfg.run.head_warmup_iters)
         optimizer.zero_grad(set_to_none=True)
         losses = model.forward_backward(batch, teacher_temp=values["teacher_temp"])
         check_finite(losses, step)
