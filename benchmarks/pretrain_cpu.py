@@ -49,6 +49,8 @@ def measure(cfg_map: dict[str, object], root: str, warmup: int) -> dict[str, flo
         run_pretraining(cfg, env, Path(root), tracker if env.is_main else None)
     finally:
         shutdown_distributed()
+    if not env.is_main:
+        return {}
     timed = tracker.times[warmup:]
     steps = len(timed) - 1
     seconds = timed[-1] - timed[0]
