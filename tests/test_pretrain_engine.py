@@ -209,3 +209,18 @@ def test_continued_pretraining_warms_up_heads_with_the_backbone_frozen(tmp_path:
     _, model = run_pretraining(cfg, CPU, tmp_path)
     moved = model.backbone("student").blocks[0].attn.qkv.weight
     assert not torch.equal(moved, pretrained.blocks[0].attn.qkv.weight)
+
+
+def test_checkpoints_mirror_to_the_object_store_and_resume_on_a_fresh_machine(tmp_path: Path) -> None:
+    import shutil
+
+    manifest = write_pool(tmp_path, corrupt=False)
+    store = LocalObjectStore(tmp_path / "bucket")
+    cfg = tiny_config(manifest, tmp_path / "out", iterations=4, max_steps=2, checkpoint_store_prefix="ckpt/run1")
+    run_pretraining(cfg, CPU, tmp_path, store=store)
+    assert store.exists("ckpt/run1/step_000000002/COMMITTED")
+    shutil.rmtree(tmp_path / "out")  # a new machine: nothing local
+    cfg.run.max_steps = 0
+    result, _ = run_pretraining(cfg, CPU, tmp_path, store=store)
+    assert result.start_step == 2 and result.finished
+    assert store.exists("ckpt/run1/step_000000004/COMMITTED")

@@ -35,7 +35,7 @@ def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
     env = init_distributed(cfg.run.device)
     try:
         if not env.is_main:
-            result, _ = run_pretraining(cfg, env, context.root)
+            result, _ = run_pretraining(cfg, env, context.root, store=context.store)
             return PretrainOutputs(result, None, None, None)
         import mlflow
 
@@ -43,7 +43,7 @@ def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
                        "dinoflow.world_size": str(env.world_size)}) as run:
             mlflow.enable_system_metrics_logging()
             tracker = MlflowStepTracker(cfg.objective.optim.iterations, start_step=0)
-            result, model = run_pretraining(cfg, env, context.root, tracker)
+            result, model = run_pretraining(cfg, env, context.root, tracker, store=context.store)
             backbone_dir = version = None
             if result.finished:
                 backbone_dir = export_teacher(cfg, context.root, model, run.info.run_id, result)

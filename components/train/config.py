@@ -61,6 +61,9 @@ class RunConfig:
     # with the backbone frozen (lr 0) for the first head_warmup_iters steps while the new heads warm up.
     init_backbone: str = ""
     head_warmup_iters: int = 0
+    # Mirror every committed checkpoint to the project's object store under this key prefix (empty: off);
+    # a run whose local checkpoint folder is empty (a new machine) resumes from the newest mirrored one.
+    checkpoint_store_prefix: str = ""
 
     def validate(self) -> None:
         if self.head_warmup_iters < 0:

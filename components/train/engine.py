@@ -44,6 +44,7 @@ from components.models.pretrained import load_pretrained_backbone
 from components.ssl.meta_arch import SSLMetaArch
 from components.ssl.param_groups import apply_schedules
 from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_lr
+from components.storage import ObjectStore
 from components.train import checkpoint as ckpt
 from components.train.config import PretrainConfig
 from components.train.distributed import DistEnv, all_reduce_gradients, barrier, broadcast_module
@@ -244,21 +245,52 @@ def restore(model: SSLMetaArch, optimizer: torch.optim.Optimizer, directory: Pat
     return step, position
 
 
-def save(model: SSLMetaArch, optimizer: torch.optim.Optimizer, directory: Path, step: int, keep_last: int,
+@dataclass(frozen=True)
+class CheckpointPlace:
+    """Where checkpoints go: a local folder, optionally mirrored to an object store prefix."""
+
+    directory: Path
+    keep_last: int
+    store: ObjectStore | None = None
+    prefix: str = ""
+
+    def mirrored(self) -> bool:
+        return self.store is not None and bool(self.prefix)
+
+    def fetch_from_store(self, env: DistEnv) -> None:
+        """On a machine without local checkpoints, bring the newest mirrored one (rank 0, shared folder)."""
+        if self.mirrored() and env.is_main and ckpt.latest_checkpoint(self.directory) is None:
+            assert self.store is not None
+            found = ckpt.download_latest_checkpoint(self.store, self.prefix, self.directory)
+            if found is not None:
+                log.info("fetched checkpoint %s from the object store prefix %s", found.name, self.prefix)
+        barrier()
+
+
+def save(model: SSLMetaArch, optimizer: torch.optim.Optimizer, place: CheckpointPlace, step: int,
          env: DistEnv, data_position: int, fingerprint: str) -> Path:
-    path = ckpt.save_checkpoint(directory, step, checkpoint_state(model, optimizer, step, data_position, fingerprint))
+    state = checkpoint_state(model, optimizer, step, data_position, fingerprint)
+    path = ckpt.save_checkpoint(place.directory, step, state)
     if env.is_main:
-        ckpt.prune_checkpoints(directory, keep_last)
+        if place.mirrored():
+            assert place.store is not None
+            ckpt.upload_checkpoint(path, place.store, place.prefix)  # marker uploaded last
+        ckpt.prune_checkpoints(place.directory, place.keep_last)
     barrier()
     return path
 
 
-def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTracker | None = None
-                    ) -> tuple[PretrainResult, SSLMetaArch]:
-    """Train (or continue training) until ``objective.optim.iterations`` or ``run.max_steps`` more steps."""
+def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTracker | None = None,
+                    store: ObjectStore | None = None) -> tuple[PretrainResult, SSLMetaArch]:
+    """Train (or continue training) until ``objective.optim.iterations`` or ``run.max_steps`` more steps.
+
+    ``store`` (with ``run.checkpoint_store_prefix``) mirrors checkpoints to the object store.
+    """
     tracker = tracker or NullTracker()
     output = root / cfg.run.output_dir
-    checkpoints = output / "checkpoints"
+    place = CheckpointPlace(output / "checkpoints", cfg.run.keep_last, store, cfg.run.checkpoint_store_prefix)
+    place.fetch_from_store(env)
+    checkpoints = place.directory
     torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank (and broadcast in build_model)
     model, optimizer = build_model(cfg, env)
     fsdp = resolve_strategy(cfg.run.strategy, env) == "fsdp"
@@ -315,11 +347,10 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
                 metrics["mfu"] = images_per_second * image_flops / (peak * env.world_size)
             tracker.log_step(step, metrics)
         if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == end:
-            result.checkpoint = save(model, optimizer, checkpoints, step + 1, cfg.run.keep_last, env,
-                                     stream.position(step + 1), fingerprint)
+            result.checkpoint = save(model, optimizer, place, step + 1, env, stream.position(step + 1), fingerprint)
             last_saved = step + 1
     if result.end_step > last_saved:  # skipped tail steps: persist the position anyway
-        result.checkpoint = save(model, optimizer, checkpoints, result.end_step, cfg.run.keep_last, env,
-                                 stream.position(result.end_step), fingerprint)
+        result.checkpoint = save(model, optimizer, place, result.end_step, env, stream.position(result.end_step),
+                                 fingerprint)
     tracker.close()
     return result, model
