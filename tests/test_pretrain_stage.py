@@ -38,5 +38,7 @@ def test_pretrain_stage_exports_and_registers_the_teacher(tmp_path: Path) -> Non
     assert run.data.tags["dinoflow.stage"] == "pretrain"
     artifacts = {a.path for a in client.list_artifacts(outputs.run_id, "backbone")}
     assert artifacts == {"backbone/config.json", "backbone/model.safetensors"}
+    checkpoint_files = {a.path for a in client.list_artifacts(outputs.run_id, "checkpoint")}
+    assert "checkpoint/COMMITTED" in checkpoint_files and "checkpoint/.metadata" in checkpoint_files
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())["pretrain"]
     assert metrics["final_step"] == 4

@@ -29,3 +29,20 @@ REASONS: dict[str, str] = {
     TRUNCATED: "the header is fine but fully decoding the pixels fails (cut-off or corrupt data)",
     EXACT_DUPLICATE: "byte-identical (same sha256) to another kept file; the lexicographically smallest uri is kept",
 }
+
+# Codes of the steps after ingest (embedding, near-dedup, relative dedup). Kept out of ``REASONS`` on
+# purpose: ``REASONS`` is the ingest stage's closed set (its stats list every code, its tests check
+# that a pool exercises all of them); ``ALL_REASONS`` is the union for tables that mix stages.
+EMBED_FAILED = "embed_failed"
+NEAR_DUPLICATE = "near_duplicate"
+EVAL_LEAK = "eval_leak"
+
+NEAR_DEDUP_REASONS: dict[str, str] = {
+    EMBED_FAILED: "passed ingest but could not be read, decoded or embedded when computing embeddings",
+    NEAR_DUPLICATE: "in a connected component of the cosine k-NN graph with a kept image (self near-dedup); "
+                    "duplicate_of names the kept id",
+    EVAL_LEAK: "in a connected component of the k-NN graph that contains an evaluation image (relative dedup); "
+               "duplicate_of names that evaluation id",
+}
+
+ALL_REASONS: dict[str, str] = {**REASONS, **NEAR_DEDUP_REASONS}

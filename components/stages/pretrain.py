@@ -48,6 +48,8 @@ def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
             if result.finished:
                 backbone_dir = export_teacher(cfg, context.root, model, run.info.run_id, result)
                 mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
+                if cfg.run.log_checkpoint_to_mlflow and result.checkpoint is not None:
+                    mlflow.log_artifacts(str(result.checkpoint), artifact_path="checkpoint")
                 version = register(cfg.run.registered_model_name, run.info.run_id)
             mlflow.log_metrics({"final_step": float(result.end_step), "skipped_images": float(result.skipped_images)})
             write_metrics(context.root, cfg, result)

@@ -64,6 +64,9 @@ class RunConfig:
     # Mirror every committed checkpoint to the project's object store under this key prefix (empty: off);
     # a run whose local checkpoint folder is empty (a new machine) resumes from the newest mirrored one.
     checkpoint_store_prefix: str = ""
+    # Also log the final full checkpoint (student, teacher, heads, optimizer) as MLflow artifacts of the run,
+    # so training can be continued from the registry's lineage; off for models whose checkpoint is very large.
+    log_checkpoint_to_mlflow: bool = True
 
     def validate(self) -> None:
         if self.head_warmup_iters < 0:

@@ -222,7 +222,11 @@ def checkpoint_state(model: SSLMetaArch, optimizer: torch.optim.Optimizer, step:
 def check_same_architecture(path: Path, fingerprint: str) -> None:
     probe: dict[str, Any] = {"extra": {"architecture": ""}}
     ckpt.load_checkpoint(path, probe)
-    if probe["extra"]["architecture"] != fingerprint:
+    recorded = probe["extra"].get("architecture")
+    if recorded is None:  # written before the record existed: the strict model load still guards shapes
+        log.warning("%s has no architecture record; loading it as is", path)
+        return
+    if recorded != fingerprint:
         raise CheckpointMismatchError(
             f"{path} was written by a run with another backbone or head ({probe['extra']['architecture']}); "
             f"this run has {fingerprint}. Use another run.output_dir, or delete the old checkpoints."
