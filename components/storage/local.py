@@ -58,7 +58,7 @@ class LocalObjectStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, target)
         if self.durable:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
 
     def write(self, key: str, data: bytes) -> None:
         self._path(key)  # validate before touching the disk
@@ -127,7 +127,8 @@ class LocalObjectStore:
             self._path(key).unlink()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from components.storage import ObjectNotFoundError, ObjectStore, join_key
+from components.storage.local import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -236,15 +237,6 @@ def step_dir_name(step: int) -> str:
 def parse_step(name: str) -> int | None:
     match = STEP_PATTERN.match(name)
     return int(match.group(1)) if match else None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_files(folder: Path) -> dict[str, int]:
