@@ -47,7 +47,7 @@ from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_
 from components.storage import ObjectStore
 from components.train import checkpoint as ckpt
 from components.train.config import PretrainConfig
-from components.train.distributed import DistEnv, all_reduce_gradients, barrier, broadcast_module
+from components.train.distributed import DistEnv, all_reduce_gradients, any_rank, barrier, broadcast_module
 from components.train.parallel import param_dtype_for, resolve_strategy, shard_meta_arch
 from components.train.tracking import NullTracker, StepTracker, flops_per_image, peak_flops
 
@@ -169,13 +169,15 @@ def collate_step(cfg: PretrainConfig, samples: list[Any], step: int, device: tor
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
 
 
-def check_finite(losses: dict[str, Tensor], step: int) -> None:
-    for name, value in losses.items():
-        if not math.isfinite(float(value)):
-            raise NonFiniteLossError(
-                f"step {step}: loss term '{name}' is {float(value)}; stopped without saving this step, "
-                "the last good checkpoint is kept. Lower the lr, check the data, or resume from it."
-            )
+def check_finite(losses: dict[str, Tensor], step: int, device: torch.device) -> None:
+    """Stop every rank together when any rank has a NaN/inf term (a lone rank stopping would hang the rest)."""
+    bad = {name: float(value) for name, value in losses.items() if not math.isfinite(float(value))}
+    if any_rank(bool(bad), device):
+        where = ", ".join(f"loss term '{name}' is {value}" for name, value in bad.items()) or "another rank"
+        raise NonFiniteLossError(
+            f"step {step}: {where}; stopped without saving this step, the last good checkpoint is kept. "
+            "Lower the lr, check the data, or resume from it."
+        )
 
 
 def initialise_backbones(model: SSLMetaArch, source: str, env: DistEnv) -> None:
@@ -315,8 +317,10 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
     tick, steps_since_tick = time.perf_counter(), 0
     for step in range(start, end):
         loaded = stream.batches(step)
-        if loaded is None:  # every image of this batch was unreadable: counted, step skipped
-            result.skipped_images += cfg.data.batch_size_per_rank
+        # All ranks skip together when any rank's whole batch was unreadable: the step's collectives need all.
+        skip_everywhere = any_rank(loaded is None, env.device)
+        if loaded is None or skip_everywhere:  # counted, step skipped
+            result.skipped_images += loaded.n_skipped if loaded is not None else cfg.data.batch_size_per_rank
             result.end_step = step + 1
             unreadable_in_a_row += 1
             if unreadable_in_a_row >= MAX_UNREADABLE_BATCHES:
@@ -331,7 +335,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
                         backbone_frozen=step < cfg.run.head_warmup_iters)
         optimizer.zero_grad(set_to_none=True)
         losses = model.forward_backward(batch, teacher_temp=values["teacher_temp"])
-        check_finite(losses, step)
+        check_finite(losses, step, env.device)
         if not fsdp:  # FSDP has already reduce-scattered the gradients in backward
             all_reduce_gradients((p for p in model.student.parameters() if p.requires_grad), env.world_size)
         grad_norms = model.clip_gradients(cfg.objective.optim.clip_grad) if cfg.objective.optim.clip_grad > 0 else {}
