@@ -9,9 +9,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.data import data_flow
+from flows.evaluate import evaluate_flow
 from flows.pretrain import pretrain_flow
 
-STAGES = ("data", "pretrain")
+STAGES = ("data", "pretrain", "evaluate")
 
 
 @flow(name="pipeline", log_prints=True)
@@ -20,5 +21,6 @@ def pipeline_flow(project_params: str = "params/project.yaml") -> dict[str, obje
     results: dict[str, object] = {}
     results["data"] = data_flow(params="params/data.yaml", project_params=project_params)
     results["pretrain"] = pretrain_flow(params="params/pretrain.yaml", project_params=project_params)
+    results["evaluate"] = evaluate_flow(params="params/evaluate.yaml", project_params=project_params)
     logger.info("pipeline finished stages: %s", ", ".join(results))
     return results

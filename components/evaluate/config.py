@@ -1,0 +1,138 @@
+"""Typed parameters of the ``evaluate`` stage (``params/evaluate.yaml``, section ``evaluate``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.config.loader import load_config
+from components.data import fashion_mnist
+from components.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
+from components.evaluate.linear import DEFAULT_C_GRID, DEFAULT_LEARNING_RATES
+
+REGISTRY_PREFIX = "models:/"
+
+
+@dataclass
+class EvalDatasetConfig:
+    """Fashion-MNIST, the demo eval set: balanced subsets of the official train and test splits."""
+
+    source_dir: str = str(fashion_mnist.INSTALLED_DATA_DIR)
+    cache_dir: str = ""  # empty: <state>/cache/fashion-mnist (shared with the data stage)
+    train_per_class: int = 200  # 0 = the whole split (6,000 per class): the k-NN / probe reference set
+    test_per_class: int = 50  # 0 = the whole split (1,000 per class)
+    seed: int = 0
+    allow_fetch: bool = True
+
+    def validate(self) -> None:
+        if self.train_per_class < 0 or self.test_per_class < 0:
+            raise ValueError("train_per_class and test_per_class must be >= 0")
+        if self.train_per_class == 1:
+            raise ValueError("train_per_class must be 0 or >= 2: the probes carve a validation split from train")
+
+
+@dataclass
+class LinearConfig:
+    """The DINOv2 linear grid (components.evaluate.linear.linear_probe)."""
+
+    enabled: bool = True
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rates: list[float] = field(default_factory=lambda: list(DEFAULT_LEARNING_RATES))
+    val_fraction: float = 0.1
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not self.learning_rates or min(self.learning_rates) <= 0:
+            raise ValueError("learning_rates must be a non-empty list of positive numbers")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be in (0, 1)")
+
+
+@dataclass
+class LogregConfig:
+    """L2 logistic regression on the last CLS (components.evaluate.linear.logreg_probe)."""
+
+    enabled: bool = True
+    c_grid: list[float] = field(default_factory=lambda: list(DEFAULT_C_GRID))
+    max_iter: int = 300
+    tol: float = 1e-7
+
+    def validate(self) -> None:
+        if self.max_iter < 1 or self.tol <= 0:
+            raise ValueError("max_iter must be >= 1 and tol > 0")
+        if not self.c_grid or min(self.c_grid) <= 0:
+            raise ValueError("c_grid must be a non-empty list of positive numbers")
+
+
+@dataclass
+class BaselinesConfig:
+    """The floors every report carries (docs/evaluation.md, Baselines), computed by the same protocols."""
+
+    random_init: bool = True  # same architecture, untrained (seeded by EvaluateConfig.seed)
+    pixels: bool = True  # raw 28x28 pixels, whatever image_size is
+
+
+@dataclass
+class EvaluateConfig:
+    # A backbone folder (relative to the project root) or a registry URI: models:/NAME@ALIAS, models:/NAME/VERSION.
+    model: str = "outputs/pretrain/backbone"
+    dataset: EvalDatasetConfig = field(default_factory=EvalDatasetConfig)
+    image_size: int = 28  # images are resized to this before the backbone (must suit its patch size)
+    batch_size: int = 256  # extraction batch
+    n_last_blocks: int = 4  # CLS of the last n blocks are kept for the linear grid (clipped to the depth)
+    avgpool: bool = True  # also keep the pooled patch tokens (the grid's cls+avgpool heads)
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    temperature: float = DEFAULT_TEMPERATURE
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    logreg: LogregConfig = field(default_factory=LogregConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    seed: int = 0  # validation splits, head init, random-init baseline weights
+    device: str = "cpu"
+    metrics_path: str = "metrics/eval.json"
+    plots_path: str = "metrics/eval_knn_sweep.json"
+    cache_dir: str = ""  # empty: <state>/cache/features
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a backbone folder or a models:/ registry URI")
+        if self.model.startswith(REGISTRY_PREFIX):
+            parse_registry_uri(self.model)  # fail at load time, not after the data is read
+        if self.image_size < 1 or self.batch_size < 1 or self.n_last_blocks < 1:
+            raise ValueError("image_size, batch_size and n_last_blocks must be >= 1")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError("ks must be a non-empty list of positive integers")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+
+    @property
+    def from_registry(self) -> bool:
+        return self.model.startswith(REGISTRY_PREFIX)
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+
+def parse_registry_uri(uri: str) -> RegistryRef:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> RegistryRef (exactly one of alias / version)."""
+    if not uri.startswith(REGISTRY_PREFIX):
+        raise ValueError(f"{uri!r} is not a registry URI (expected {REGISTRY_PREFIX}NAME@ALIAS or NAME/VERSION)")
+    rest = uri[len(REGISTRY_PREFIX):]
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if name and alias:
+            return RegistryRef(name=name, alias=alias)
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        if name and version.isdigit():
+            return RegistryRef(name=name, version=version)
+    raise ValueError(f"{uri!r}: expected {REGISTRY_PREFIX}NAME@ALIAS or {REGISTRY_PREFIX}NAME/VERSION")
+
+
+def load_evaluate_config(path: str | Path = "params/evaluate.yaml") -> EvaluateConfig:
+    return load_config(EvaluateConfig, path, section="evaluate")
