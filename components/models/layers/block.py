@@ -8,7 +8,7 @@ Residual paths, matching the official ``NestedTensorBlock``:
 * packed (list) batch, training, rate > 0: batch-subset stochastic depth per crop group;
 * otherwise: plain residuals.
 
-The official single-tensor path reuses ``drop_path1`` for both branches (marked FIXME there); here
+The official single-tensor path reuses ``drop_path1`` for both branches (flagged upstream as a known issue); here
 each branch has its own parameter-free ``DropPath`` module, the same distribution.
 """
 
