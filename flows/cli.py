@@ -43,51 +43,44 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    data = commands.add_parser(
-        "data", help="fetch Fashion-MNIST and bundled photos; write the demo image pool and labels table",
-        description="Fetch the real demo images (Debian package dataset-fashion-mnist, scikit-image photos), "
-        "write one PNG per image to the object store, a labels table (parquet) beside them, the local "
-        "manifest data/demo/pool.parquet and metrics/data.json.")
-    _add_common(data, "params/data.yaml")
-    _add_engine(data)
-    data.set_defaults(handler=_cmd_data)
+    def stage(name: str, help_text: str, description: str, params: str | None, engine: bool,
+              handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=description)
+        _add_common(sub, params)
+        if engine:
+            _add_engine(sub)
+        sub.set_defaults(handler=handler)
+        return sub
 
-    pretrain = commands.add_parser(
-        "pretrain", help="pretrain a ViT backbone with the DINOv2 recipe; export and register the teacher",
-        description="Train with DINO + iBOT + KoLeo, an EMA teacher and multi-crop on the images of a manifest. "
-        "Rerunning the same command continues from the newest complete checkpoint. For several processes, "
-        "launch it under torchrun with --engine local: torchrun --nproc-per-node N -m flows.cli pretrain "
-        "--engine local. At the end the teacher backbone is exported (safetensors + config.json) and "
-        "registered in MLflow with the alias 'challenger'.")
-    _add_common(pretrain, "params/pretrain.yaml")
-    _add_engine(pretrain)
-    pretrain.set_defaults(handler=_cmd_pretrain)
-
-    evaluate = commands.add_parser(
-        "evaluate", help="k-NN and linear probes of a frozen backbone on Fashion-MNIST, against baselines",
-        description="Evaluate a backbone folder or a registry version (models:/NAME@ALIAS, models:/NAME/VERSION) "
+    stage("data", "fetch Fashion-MNIST and bundled photos; write the demo image pool and labels table",
+          "Fetch the real demo images (Debian package dataset-fashion-mnist, scikit-image photos), "
+          "write one PNG per image to the object store, a labels table (parquet) beside them, the local "
+          "manifest data/demo/pool.parquet and metrics/data.json.",
+          "params/data.yaml", True, _cmd_data)
+    stage("pretrain", "pretrain a ViT backbone with the DINOv2 recipe; export and register the teacher",
+          "Train with DINO + iBOT + KoLeo, an EMA teacher and multi-crop on the images of a manifest. "
+          "Rerunning the same command continues from the newest complete checkpoint. For several processes, "
+          "launch it under torchrun with --engine local: torchrun --nproc-per-node N -m flows.cli pretrain "
+          "--engine local. At the end the teacher backbone is exported (safetensors + config.json) and "
+          "registered in MLflow with the alias 'challenger'.",
+          "params/pretrain.yaml", True, _cmd_pretrain)
+    evaluate = stage(
+        "evaluate", "k-NN and linear probes of a frozen backbone on Fashion-MNIST, against baselines",
+        "Evaluate a backbone folder or a registry version (models:/NAME@ALIAS, models:/NAME/VERSION) "
         "with weighted k-NN, the DINOv2 linear grid and logistic regression, next to the same architecture "
         "untrained and raw pixels. Writes metrics/eval.json and metrics/eval_knn_sweep.json, logs an MLflow run "
-        "and, for a registry version, tags it with the metrics (eval.*).")
-    _add_common(evaluate, "params/evaluate.yaml")
+        "and, for a registry version, tags it with the metrics (eval.*).",
+        "params/evaluate.yaml", True, _cmd_evaluate)
     evaluate.add_argument("--model", default=None,
                           help="backbone folder or models:/ URI, overriding the params file's 'model'")
-    _add_engine(evaluate)
-    evaluate.set_defaults(handler=_cmd_evaluate)
-
-    pipeline = commands.add_parser(
-        "pipeline", help="run every stage in order as one Prefect flow (the demo pipeline)",
-        description="Run all stages (currently: data, pretrain, evaluate) as sub-flows of one Prefect 'pipeline' "
-        "flow, on the embedded Prefect API unless PREFECT_API_URL is set. Each stage logs an MLflow run.")
-    _add_common(pipeline, None)
-    pipeline.set_defaults(handler=_cmd_pipeline)
-
-    info = commands.add_parser(
-        "info", help="show where state, objects, runs and flows go (resolved from params and environment)",
-        description="Print the resolved state folder, object store URI, MLflow tracking URI and Prefect API "
-        "as JSON. Credentials are never printed.")
-    _add_common(info, None)
-    info.set_defaults(handler=_cmd_info)
+    stage("pipeline", "run every stage in order as one Prefect flow (the demo pipeline)",
+          "Run all stages (currently: data, pretrain, evaluate) as sub-flows of one Prefect 'pipeline' "
+          "flow, on the embedded Prefect API unless PREFECT_API_URL is set. Each stage logs an MLflow run.",
+          None, False, _cmd_pipeline)
+    stage("info", "show where state, objects, runs and flows go (resolved from params and environment)",
+          "Print the resolved state folder, object store URI, MLflow tracking URI and Prefect API "
+          "as JSON. Credentials are never printed.",
+          None, False, _cmd_info)
     return parser
 
 
