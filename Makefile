@@ -9,13 +9,14 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test setup system lint pytest s3-start s3-stop clean-state
+.PHONY: demo test setup system lint pytest s3-start s3-stop clean-state images stack-up
 
+# dvc repro runs every stage (data, curate, pretrain, distill, evaluate); each stage command runs as a
+# Prefect flow and logs an MLflow run. `dinoflow pipeline` is the same chain as one Prefect flow.
 demo: setup
 	dvc repro
 	dvc push
-	dinoflow pipeline
-	@echo "Done. MLflow UI: make mlflow-ui | Prefect UI: make prefect-ui | metrics: dvc metrics show"
+	dinoflow report
 
 test: setup lint pytest
 
@@ -53,3 +54,12 @@ s3-stop:
 
 clean-state:
 	rm -rf .dinoflow data metrics
+
+# Container images and the production stack (docs/deployment.md; needs Docker with the compose plugin).
+images:
+	docker build -f infra/docker/Dockerfile.train -t ghcr.io/dinoflow/dinoflow-train:0.1.0 .
+	docker build -f infra/docker/Dockerfile.flow -t ghcr.io/dinoflow/dinoflow-flow:0.1.0 .
+	docker build -f infra/docker/Dockerfile.mlflow -t ghcr.io/dinoflow/dinoflow-mlflow:0.1.0 .
+
+stack-up:
+	cd infra/compose && ./make-secrets.sh && docker compose up -d

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from components.config import ConfigError
+from flows.cli_models import add_model_commands
 
 DESCRIPTION = """\
 dinoflow builds your own DINOv2-class vision backbone: curate an image pool, pretrain a ViT with
@@ -34,8 +35,14 @@ def _add_common(parser: argparse.ArgumentParser, default_params: str | None) -> 
 
 
 def _add_engine(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=("prefect", "local"), default="prefect",
-                        help="prefect: run as a Prefect flow (default); local: plain function call, no Prefect")
+    import os
+
+    default = os.environ.get("DINOFLOW_ENGINE", "prefect")  # e.g. DINOFLOW_ENGINE=local dvc repro
+    if default not in ("prefect", "local"):
+        raise ConfigError(f"DINOFLOW_ENGINE must be 'prefect' or 'local', got {default!r}")
+    parser.add_argument("--engine", choices=("prefect", "local"), default=default,
+                        help="prefect: run as a Prefect flow; local: plain function call, no Prefect "
+                             f"(default: {default}, from DINOFLOW_ENGINE or 'prefect')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
           "write one PNG per image to the object store, a labels table (parquet) beside them, the local "
           "manifest data/demo/pool.parquet and metrics/data.json.",
           "params/data.yaml", True, _cmd_data)
+    stage("curate", "curate a raw image pool: validate, dedup, eval dedup, retrieval, balanced sampling",
+          "Ingest a folder or s3:// pool (every file decoded; corrupt ones rejected with a reason), drop exact and "
+          "near duplicates and images that leak evaluation sets, retrieve what is close to curated seed sets and "
+          "balance with hierarchical k-means. Writes the curated manifest, the rejects table, metrics/curate.json "
+          "and pictures (clusters, duplicate groups); rerunning continues an interrupted run.",
+          "params/curate.yaml", True, _cmd_curate)
     stage("pretrain", "pretrain a ViT backbone with the DINOv2 recipe; export and register the teacher",
           "Train with DINO + iBOT + KoLeo, an EMA teacher and multi-crop on the images of a manifest. "
           "Rerunning the same command continues from the newest complete checkpoint. For several processes, "
@@ -64,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
           "--engine local. At the end the teacher backbone is exported (safetensors + config.json) and "
           "registered in MLflow with the alias 'challenger'.",
           "params/pretrain.yaml", True, _cmd_pretrain)
+    distill = stage(
+        "distill", "distill a frozen teacher into a smaller student; export and register the student's EMA",
+        "Train a small ViT (params 'backbone') from a frozen teacher (params 'teacher.source': models:/NAME@ALIAS, "
+        "models:/NAME/VERSION, a pretraining checkpoint folder, a backbone folder or an official .pth) with the "
+        "DINOv2 distillation recipe: through the teacher's DINO/iBOT heads when it has them, else in feature space. "
+        "Rerunning continues from the newest complete checkpoint; under torchrun use --engine local. The student's "
+        "EMA is exported and registered with the alias 'challenger' and tags naming its teacher.",
+        "params/distill.yaml", True, _cmd_distill)
+    distill.add_argument("--teacher", default=None,
+                         help="teacher source, overriding the params file's teacher.source")
     evaluate = stage(
         "evaluate", "k-NN and linear probes of a frozen backbone on Fashion-MNIST, against baselines",
         "Evaluate a backbone folder or a registry version (models:/NAME@ALIAS, models:/NAME/VERSION) "
@@ -73,14 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
         "params/evaluate.yaml", True, _cmd_evaluate)
     evaluate.add_argument("--model", default=None,
                           help="backbone folder or models:/ URI, overriding the params file's 'model'")
+    promote = stage(
+        "promote", "evaluate champion and challenger of a registered model; move 'champion' by policy",
+        "Evaluate the versions behind the aliases champion and challenger (params evaluate.promotion and "
+        "evaluate.schedule), apply the promotion policy and tag both versions (promotion.*). A failed evaluation "
+        "moves no alias. --serve runs it on the cron schedule from params with Prefect's flow.serve.",
+        "params/evaluate.yaml", True, _cmd_promote)
+    promote.add_argument("--model-name", default=None,
+                         help="registered model (default: evaluate.schedule.model_name)")
+    promote.add_argument("--serve", action="store_true",
+                         help="serve the scheduled-evaluation flow on its cron schedule (blocks)")
     stage("pipeline", "run every stage in order as one Prefect flow (the demo pipeline)",
           "Run all stages (currently: data, pretrain, evaluate) as sub-flows of one Prefect 'pipeline' "
           "flow, on the embedded Prefect API unless PREFECT_API_URL is set. Each stage logs an MLflow run.",
           None, False, _cmd_pipeline)
+    stage("report", "print the evaluation table (model vs baselines), registered models and how to open the UIs",
+          "Read metrics/eval.json (the evaluate stage's DVC metrics), print the model against its baselines as a "
+          "table, the registered models with their aliases, and the commands that open the MLflow and Prefect UIs.",
+          "params/evaluate.yaml", False, _cmd_report)
     stage("info", "show where state, objects, runs and flows go (resolved from params and environment)",
           "Print the resolved state folder, object store URI, MLflow tracking URI and Prefect API "
           "as JSON. Credentials are never printed.",
           None, False, _cmd_info)
+    add_model_commands(commands)
     return parser
 
 
@@ -98,6 +136,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
         outputs = data_flow(params=args.params, project_params=args.project)
     print(json.dumps(outputs, indent=2))
+    return 0
+
+
+def _cmd_curate(args: argparse.Namespace) -> int:
+    if args.engine == "local":
+        from components.stages.context import make_context
+        from components.stages.curate import load_curate_config, run_curate
+
+        context = make_context(args.project)
+        out = run_curate(context, load_curate_config(context.root / args.params))
+        outputs: dict[str, object] = {"manifest": str(out.manifest_path), "rejects": str(out.rejects_path),
+                                      "mlflow_run_id": out.run_id, "steps": out.stats["steps"]}
+    else:
+        from flows.curate import curate_flow
+
+        outputs = curate_flow(params=args.params, project_params=args.project)
+    print(json.dumps(outputs, indent=2, default=str))
     return 0
 
 
@@ -123,6 +178,33 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    import os
+
+    if args.engine == "local" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from components.stages.context import make_context
+        from components.stages.distill import load_distill_config, run_distill
+
+        context = make_context(args.project)
+        cfg = load_distill_config(context.root / args.params)
+        if args.teacher:
+            cfg.teacher.source = args.teacher
+        out = run_distill(context, cfg)
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        outputs: dict[str, object] = {"end_step": out.result.end_step, "total_steps": out.result.total_steps,
+                                      "mode": out.mode, "teacher_uri": out.teacher.uri,
+                                      "teacher_version": out.teacher.version,
+                                      "backbone_dir": str(out.backbone_dir) if out.backbone_dir else None,
+                                      "mlflow_run_id": out.run_id, "model_version": out.model_version}
+    else:
+        from flows.distill import distill_flow
+
+        outputs = distill_flow(params=args.params, project_params=args.project, teacher=args.teacher)
+    print(json.dumps(outputs, indent=2, default=str))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.engine == "local":
         from components.stages.context import make_context
@@ -144,10 +226,59 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from components.stages.context import make_context
+    from components.stages.evaluate import load_evaluate_config, run_promotion
+
+    context = make_context(args.project)
+    cfg = load_evaluate_config(context.root / args.params)
+    if args.serve:
+        from flows.scheduled_evaluation import serve
+
+        serve(args.params, args.project)
+        return 0
+    if args.engine == "local":
+        outputs: object = run_promotion(context, cfg, args.model_name).summary()
+    else:
+        from flows.scheduled_evaluation import scheduled_evaluation
+
+        outputs = scheduled_evaluation(model_name=args.model_name or cfg.schedule.model_name,
+                                       params=args.params, project_params=args.project)
+    print(json.dumps(outputs, indent=2, default=str))
+    return 0
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline_flow
 
     print(json.dumps(pipeline_flow(project_params=args.project), indent=2, default=str))
+    return 0
+
+
+REPORT_METRICS = ("knn_top1_k20", "knn_top5_k20", "linear_top1", "logreg_top1", "retrieval_map",
+                  "copydetect_muap", "seg_miou", "depth_rmse", "depth_delta1")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from components.evaluate.report import read_eval_table
+    from components.stages.context import make_context
+    from components.stages.evaluate import load_evaluate_config
+
+    context = make_context(args.project)
+    cfg = load_evaluate_config(context.root / args.params)
+    print(f"Evaluation of {cfg.model} ({cfg.metrics_path}):\n")
+    print(read_eval_table(context.root / cfg.metrics_path, REPORT_METRICS))
+    from components.registry.commands import list_models
+    from components.tracking import configure
+
+    configure(context.tracking)
+    models = list_models()
+    print("\nRegistered models (MLflow registry):")
+    for model in models.get("models", []):
+        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(model.get("aliases", {}).items())) or "no alias"
+        print(f"  {model['name']}: {len(model.get('versions', []))} version(s); {aliases}")
+    print("\nOpen the UIs: make mlflow-ui (http://127.0.0.1:5000) | make prefect-ui (http://127.0.0.1:4200)")
+    print("Lineage of a model: dinoflow models show dinoflow-backbone@challenger")
     return 0
 
 
@@ -172,10 +303,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     except ConfigError as exc:
         print(f"dinoflow: parameter error: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from components.stages.context import make_context
-from components.stages.evaluate import load_evaluate_config, run_evaluate
+from components.stages.evaluate import EvaluateOutputs, load_evaluate_config, run_evaluate
 from flows.common import prefect_tags
 
 BASELINES = ("random_init", "pixels")
@@ -20,18 +20,37 @@ def evaluate_task(params: str, project_params: str, model: str | None) -> dict[s
     if model:
         cfg.model = model
     out = run_evaluate(context, cfg)
+    return evaluation_summary(out)
+
+
+def evaluation_summary(out: EvaluateOutputs) -> dict[str, object]:
+    """What a flow returns and reports: metrics and ids (no features), the champion's numbers if any."""
+    champion = None if out.champion is None else {"version": out.champion.version, "metrics": out.champion.metrics}
     return {"model": out.model.uri, "model_version": out.model.version, "mlflow_run_id": out.run_id,
-            "metrics_path": str(out.metrics_path), "metrics": out.metrics}
+            "metrics_path": str(out.metrics_path), "metrics": out.metrics, "champion": champion}
 
 
-def comparison_table(metrics: dict[str, float]) -> str:
-    """One row per metric, one column for the model and each baseline present."""
+def comparison_table(metrics: dict[str, float], champion: dict[str, float] | None = None) -> str:
+    """One row per metric, one column for the model, each baseline present and the champion if given."""
     columns = ["model", *[b for b in BASELINES if any(k.startswith(f"{b}.") for k in metrics)]]
+    lookup = {**metrics, **{f"champion.{k}": v for k, v in (champion or {}).items()}}
+    if champion:
+        columns.append("champion")
     lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key in (k for k in metrics if "." not in k):
-        cells = [metrics.get(key if c == "model" else f"{c}.{key}") for c in columns]
+        cells = [lookup.get(key if c == "model" else f"{c}.{key}") for c in columns]
         lines.append(f"| {key} | " + " | ".join("" if v is None else f"{v:.4f}" for v in cells) + " |")
     return "\n".join(lines)
+
+
+def evaluation_markdown(outputs: dict[str, object]) -> str:
+    version = f" (registry version {outputs['model_version']})" if outputs["model_version"] else ""
+    metrics, champion = outputs["metrics"], outputs.get("champion")
+    assert isinstance(metrics, dict)
+    champion_metrics = champion["metrics"] if isinstance(champion, dict) else None
+    against = f" Champion: version {champion['version']}." if isinstance(champion, dict) else ""
+    return (f"## Evaluation of `{outputs['model']}`{version}\n\nFashion-MNIST subset; MLflow run "
+            f"`{outputs['mlflow_run_id']}`.{against}\n\n" + comparison_table(metrics, champion_metrics) + "\n")
 
 
 @flow(name="evaluate", log_prints=True)
@@ -42,10 +61,6 @@ def evaluate_flow(params: str = "params/evaluate.yaml", project_params: str = "p
     metrics = outputs["metrics"]
     assert isinstance(metrics, dict)
     logger.info("evaluate %s: k-NN top-1 (k=20) %s", outputs["model"], metrics.get("knn_top1_k20"))
-    version = f" (registry version {outputs['model_version']})" if outputs["model_version"] else ""
-    create_markdown_artifact(
-        key="evaluate", description="Frozen-backbone evaluation on Fashion-MNIST",
-        markdown=f"## Evaluation of `{outputs['model']}`{version}\n\nFashion-MNIST subset; MLflow run "
-        f"`{outputs['mlflow_run_id']}`.\n\n" + comparison_table(metrics) + "\n",
-    )
+    create_markdown_artifact(key="evaluate", description="Frozen-backbone evaluation on Fashion-MNIST",
+                             markdown=evaluation_markdown(outputs))
     return outputs

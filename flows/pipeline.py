@@ -1,26 +1,52 @@
 """The whole pipeline as one Prefect flow: each stage runs as a sub-flow, in order.
 
-Stages are added here as they land (curate, pretrain, distill, evaluate); each is the same
-function the DVC stage command calls.
+Each stage is the same components function its DVC stage command calls. One MLflow parent run
+("pipeline") groups the stage runs: they become its children through DINOFLOW_PARENT_RUN_ID, and the
+parent carries the Prefect flow-run id, the code version and, at the end, each stage's outcome.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from collections.abc import Callable
 
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from components.stages.context import make_context
+from components.tracking import pipeline_run
+from flows.common import markdown_table, prefect_tags
+from flows.curate import curate_flow
 from flows.data import data_flow
+from flows.distill import distill_flow
 from flows.evaluate import evaluate_flow
 from flows.pretrain import pretrain_flow
 
-STAGES = ("data", "pretrain", "evaluate")
+StageFlow = Callable[..., dict[str, object]]
+
+# (stage name, flow, params file) in the order of dvc.yaml.
+STAGES: tuple[tuple[str, StageFlow, str], ...] = (
+    ("data", data_flow, "params/data.yaml"),
+    ("curate", curate_flow, "params/curate.yaml"),
+    ("pretrain", pretrain_flow, "params/pretrain.yaml"),
+    ("distill", distill_flow, "params/distill.yaml"),
+    ("evaluate", evaluate_flow, "params/evaluate.yaml"),
+)
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(project_params: str = "params/project.yaml") -> dict[str, object]:
     logger = get_run_logger()
+    context = make_context(project_params, extra_tags=prefect_tags())
     results: dict[str, object] = {}
-    results["data"] = data_flow(params="params/data.yaml", project_params=project_params)
-    results["pretrain"] = pretrain_flow(params="params/pretrain.yaml", project_params=project_params)
-    results["evaluate"] = evaluate_flow(params="params/evaluate.yaml", project_params=project_params)
-    logger.info("pipeline finished stages: %s", ", ".join(results))
+    with pipeline_run(context.tracking, context.tags) as parent_run_id:
+        for name, stage_flow, params in STAGES:
+            results[name] = stage_flow(params=params, project_params=project_params)
+        results["mlflow_parent_run_id"] = parent_run_id
+    logger.info("pipeline finished stages: %s (MLflow parent run %s)", ", ".join(n for n, _, _ in STAGES),
+                parent_run_id)
+    create_markdown_artifact(
+        key="pipeline", description="Pipeline run",
+        markdown="## Pipeline\n\n" + markdown_table({n: "done" for n, _, _ in STAGES}, "stage", "status")
+        + f"\n\nMLflow parent run: `{parent_run_id}`\n",
+    )
     return results

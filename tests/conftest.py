@@ -24,7 +24,24 @@ def pytest_configure(config: pytest.Config) -> None:
     if state.exists() and not os.environ.get("DINOFLOW_TEST_STATE"):
         shutil.rmtree(state, ignore_errors=True)
     os.environ["DINOFLOW_HOME"] = str(state)
+    # One intra-op thread per process: the tests' models are tiny, and with 2 cores two spinning OpenMP
+    # threads (next to DataLoader workers, torchrun ranks and servers) slow them down 5-20x.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     apply_environment()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny-model tests, whatever OMP_NUM_THREADS says; restored after.
+
+    On a shared 2-core machine the second thread's workers spin while another process holds the core,
+    which made such modules 5-20x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

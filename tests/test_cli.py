@@ -76,3 +76,19 @@ def test_data_command_through_prefect_writes_pool_and_tracks_run(tmp_path: Path)
         metrics = dict(db.execute("select key, value from metrics").fetchall())
     assert tags["dinoflow.stage"] == "data" and "prefect.flow_run_id" in tags
     assert metrics["images_total"] == 31.0
+
+
+def test_report_prints_the_evaluation_table_and_ui_hints(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "evaluate.yaml").write_text("evaluate:\n  metrics_path: out/eval.json\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "eval.json").write_text(json.dumps({"knn_top1_k20": 0.5, "baseline_pixels_knn_top1_k20": 0.7}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["report"]) == 0
+    out = capsys.readouterr().out
+    assert "| knn_top1_k20 | 0.5000 | 0.7000 |" in out and "make mlflow-ui" in out
+    (tmp_path / "out" / "eval.json").unlink()
+    assert main(["report"]) == 2
+    assert "dvc repro evaluate" in capsys.readouterr().err

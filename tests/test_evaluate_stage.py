@@ -26,10 +26,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "test-evaluate-backbone"
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
 def tiny_eval_config(model: str, root: Path) -> EvaluateConfig:
     cfg = EvaluateConfig(model=model, ks=[5, 20], metrics_path="metrics/eval.json",
                          plots_path="metrics/eval_knn_sweep.json", cache_dir=str(root / "features"),
-                         linear=LinearConfig(epochs=2, learning_rates=[0.01, 0.1]),
+                         linear=LinearConfig(epochs=2, learning_rates=[0.01, 0.1], min_steps=0),
                          logreg=LogregConfig(c_grid=[1.0, 10.0], max_iter=30, tol=1e-4))
     cfg.dataset.train_per_class, cfg.dataset.test_per_class = 20, 10
     return cfg
@@ -38,6 +41,45 @@ def tiny_eval_config(model: str, root: Path) -> EvaluateConfig:
 def test_shipped_params_load() -> None:
     cfg = load_evaluate_config(REPO_ROOT / "params" / "evaluate.yaml")
     assert cfg.model == "outputs/pretrain/backbone" and cfg.baselines.random_init and cfg.baselines.pixels
+    assert cfg.linear.standardize and cfg.linear.min_steps > 0
+    assert cfg.promotion.primary_metric in {f"knn_top1_k{k}" for k in cfg.ks}
+    assert cfg.promotion.higher_is_better.get("depth_rmse") is False
+    assert cfg.champion == f"models:/{cfg.schedule.model_name}@{cfg.promotion.champion_alias}"
+
+
+def test_champion_must_be_an_alias(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("evaluate:\n  champion: models:/x/3\n")
+    with pytest.raises(ConfigError, match="champion must be"):
+        load_evaluate_config(bad)
+    bad.write_text("evaluate:\n  schedule: {cron: '0 2 * *'}\n")
+    with pytest.raises(ConfigError, match="5 fields"):
+        load_evaluate_config(bad)
+
+
+@pytest.mark.slow
+def test_enabled_suites_add_metrics_and_pictures(tmp_path: Path) -> None:
+    """Retrieval and the PCA picture (the cheap suites) wired through the stage: metrics and MLflow pictures."""
+    (tmp_path / "pyproject.toml").write_text("")
+    torch.manual_seed(4)
+    arch = BackboneConfig(arch="vit_pico", patch_size=4, img_size=28)
+    save_backbone(build_backbone(arch), arch, tmp_path / "backbone")
+    cfg = tiny_eval_config("backbone", tmp_path)
+    cfg.baselines.random_init = cfg.baselines.pixels = False
+    cfg.linear.enabled = cfg.logreg.enabled = False
+    cfg.retrieval.enabled, cfg.retrieval.queries_per_class, cfg.retrieval.gallery_per_class = True, 2, 10
+    cfg.retrieval.picture_queries, cfg.retrieval.picture_top_k = 2, 3
+    cfg.pca_picture.enabled, cfg.pca_picture.photos, cfg.pca_picture.tile = True, ["coffee"], 28
+    outputs = run_evaluate(make_context(root=tmp_path), cfg)
+    assert 0.0 < outputs.metrics["retrieval_map"] <= 1.0 and "retrieval_recall_at_1" in outputs.metrics
+    assert 0.0 <= outputs.metrics["pca_foreground_fraction"] <= 1.0
+    report = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert report["retrieval_map"] == pytest.approx(outputs.metrics["retrieval_map"], abs=1e-6)
+
+    from mlflow import MlflowClient
+
+    logged = {f.path for f in MlflowClient().list_artifacts(outputs.run_id, "eval/pictures")}
+    assert logged == {"eval/pictures/retrieval.png", "eval/pictures/pca.png"}
 
 
 def test_registry_uris_parse_and_bad_ones_are_refused(tmp_path: Path) -> None:

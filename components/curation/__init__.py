@@ -1,8 +1,14 @@
-"""Data curation (DINOv2 §3 / appendix A): ingest, validation and exact dedup of a raw image pool."""
+"""Data curation (DINOv2 §3 / appendix A): ingest, validation and exact dedup of a raw image pool.
+
+The later steps live in their own modules and are imported from there (they pull in torch / faiss):
+embed, dedup_near, retrieval, hierarchical, and the whole stage in pipeline (``run_curation``), config
+(``CurateConfig``), demo_pool (planted-truth demo) and pictures.
+"""
 
 from __future__ import annotations
 
 from components.curation.dedup_exact import dedup_exact
+from components.curation.descriptor import PixelDescriptor
 from components.curation.ingest import (
     IngestConfig,
     IngestResult,
@@ -22,6 +28,7 @@ __all__ = [
     "REJECTED_SCHEMA",
     "IngestConfig",
     "IngestResult",
+    "PixelDescriptor",
     "ReconciliationError",
     "check_object",
     "dedup_exact",

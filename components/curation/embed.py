@@ -26,23 +26,28 @@ import torch
 from PIL import Image
 
 from components.curation import reasons
+from components.curation.descriptor import PixelDescriptor, is_pixel_backbone, parse_pixel_backbone
 from components.curation.ingest import write_text_atomic
 from components.curation.schema import REJECTED_SCHEMA
 from components.data.demo_pool import write_parquet_atomic
 from components.models import BackboneConfig, DinoVisionTransformer, build_backbone
 from components.models.export import IMAGENET_MEAN, IMAGENET_STD, load_backbone
+from components.models.pretrained import load_pretrained_backbone
 from components.storage import read_uri
 
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.parquet"
 FORMAT = "dinoflow-embeddings/1"
 RANDOM_PREFIX = "random:"
+STATE_DICT_PREFIX = "state_dict:"  # state_dict:<arch>:<patch>:<img_size>:<checkpoint path, URL or dinov2_vits14>
 
 
 @dataclass
 class EmbedConfig:
-    # A dinoflow backbone folder (model.safetensors + config.json), or "random:<arch>:<patch>:<img_size>"
-    # for a random-init model (tests and demos until a trained model exists: NOT a copy detector).
+    # A dinoflow backbone folder (model.safetensors + config.json); "state_dict:<arch>:<patch>:<img_size>:<src>"
+    # (a checkpoint or official DINOv2 state_dict, components/models/pretrained.py); "pixels:<size>" (the
+    # classic pixel copy descriptor of descriptor.py, the offline demo's copy detector); or
+    # "random:<arch>:<patch>:<img_size>" (random init: tests only, NOT a copy detector).
     backbone: str = "random:vit_pico:4:28"
     image_size: int = 224  # shorter side resized to this, then centre-cropped to a square
     batch_size: int = 64  # images per forward pass
@@ -56,7 +61,9 @@ class EmbedConfig:
 
     def validate(self) -> None:
         if not self.backbone:
-            raise ValueError("backbone must name a backbone folder or 'random:<arch>:<patch>:<img_size>'")
+            raise ValueError("backbone must name a backbone folder, 'state_dict:...', 'pixels:<size>' or 'random:...'")
+        if is_pixel_backbone(self.backbone):
+            parse_pixel_backbone(self.backbone)  # a malformed size fails at validation, not mid-run
         if min(self.image_size, self.batch_size, self.shard_size, self.decode_workers) < 1 or self.num_threads < 0:
             raise ValueError("image_size, batch_size, shard_size, decode_workers must be >= 1, num_threads >= 0")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -197,11 +204,24 @@ def parse_random_backbone(spec: str) -> BackboneConfig:
                           layerscale_init=None)
 
 
+def parse_state_dict_backbone(spec: str) -> tuple[BackboneConfig, str]:
+    """``state_dict:vit_small:14:518:dinov2_vits14`` -> (its BackboneConfig, the source to load)."""
+    parts = spec[len(STATE_DICT_PREFIX):].split(":", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit() or not parts[3]:
+        raise ValueError(f"backbone {spec!r}: expected 'state_dict:<arch>:<patch>:<img_size>:<source>'")
+    arch = BackboneConfig(arch=parts[0], patch_size=int(parts[1]), img_size=int(parts[2]), drop_path_rate=0.0)
+    return arch, parts[3]
+
+
 def load_embedding_model(cfg: EmbedConfig) -> DinoVisionTransformer:
     if cfg.backbone.startswith(RANDOM_PREFIX):
         with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG state
             torch.manual_seed(cfg.seed)
             model = build_backbone(parse_random_backbone(cfg.backbone))
+    elif cfg.backbone.startswith(STATE_DICT_PREFIX):
+        arch, source = parse_state_dict_backbone(cfg.backbone)
+        model = build_backbone(arch)
+        load_pretrained_backbone(model, source)
     else:
         model = load_backbone(Path(cfg.backbone)).model
     patch = int(model.patch_size)
@@ -224,10 +244,13 @@ def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequen
     return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)  # (3, S, S)
 
 
-def decode_one(uri: str, cfg: EmbedConfig) -> np.ndarray | str:
-    """The preprocessed image, or an error message: one bad file must never stop the run."""
+def decode_one(uri: str, cfg: EmbedConfig, descriptor: PixelDescriptor | None = None) -> np.ndarray | str:
+    """The preprocessed image (or, with ``descriptor``, its finished descriptor vector), or an error
+    message: one bad file must never stop the run."""
     try:
         with Image.open(io.BytesIO(read_uri(uri))) as image:
+            if descriptor is not None:  # computed here, in the decode threads: there is no model to batch for
+                return descriptor.describe(image)
             return preprocess(image, cfg.image_size, cfg.mean, cfg.std)
     except Exception as exc:  # stores and decoders raise many types; each one becomes a rejection
         return f"{type(exc).__name__}: {exc}"
@@ -263,7 +286,8 @@ def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path) -> E
     cfg.validate()
     if "id" not in rows.columns or "uri" not in rows.columns:
         raise ValueError(f"rows need columns id and uri, got {rows.columns}")
-    model = load_embedding_model(cfg)
+    descriptor = parse_pixel_backbone(cfg.backbone) if is_pixel_backbone(cfg.backbone) else None
+    model = None if descriptor is not None else load_embedding_model(cfg)
     writer = ShardWriter(out_dir, cfg.shard_size)
     failed: list[pl.DataFrame] = [embed_failed_frame(rows.clear(), [])]
     previous_threads = torch.get_num_threads()
@@ -272,12 +296,13 @@ def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path) -> E
     try:
         with ThreadPoolExecutor(max_workers=cfg.decode_workers) as executor:
             for batch_rows in batched_frames(rows, cfg.batch_size):
-                decoded = list(executor.map(lambda uri: decode_one(uri, cfg), batch_rows["uri"].to_list()))
+                decoded = list(executor.map(lambda uri: decode_one(uri, cfg, descriptor), batch_rows["uri"].to_list()))
                 good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
                 bad = [i for i, d in enumerate(decoded) if isinstance(d, str)]
                 if good:
-                    pixels = np.stack([decoded[i] for i in good])  # (b, 3, S, S)
-                    writer.add(batch_rows["id"][good].to_list(), embed_batch(model, pixels, cfg.device))
+                    stacked = np.stack([decoded[i] for i in good])  # (b, 3, S, S), or (b, D) descriptors
+                    vectors = stacked if model is None else embed_batch(model, stacked, cfg.device)  # (b, D)
+                    writer.add(batch_rows["id"][good].to_list(), vectors)
                 if bad:
                     failed.append(embed_failed_frame(batch_rows[bad], [str(decoded[i]) for i in bad]))
     finally:
@@ -288,7 +313,8 @@ def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path) -> E
         raise RuntimeError(f"embedding: {rows.height} rows != {embedded} embedded + {rejected.height} rejected")
     metadata = {"backbone": cfg.backbone, "image_size": cfg.image_size, "mean": list(cfg.mean),
                 "std": list(cfg.std), "rows_in": rows.height, "embed_failed": rejected.height}
-    return writer.close(rejected=rejected, metadata=metadata, dim=int(model.embed_dim))
+    dim = descriptor.dim if descriptor is not None else int(model.embed_dim)  # type: ignore[union-attr]
+    return writer.close(rejected=rejected, metadata=metadata, dim=dim)
 
 
 def batched_frames(rows: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:

@@ -45,4 +45,14 @@ NEAR_DEDUP_REASONS: dict[str, str] = {
                "duplicate_of names that evaluation id",
 }
 
-ALL_REASONS: dict[str, str] = {**REASONS, **NEAR_DEDUP_REASONS}
+# Selection (retrieval from seed sets, balanced sampling): valid, unique images that the curated set
+# does not take. Counted as rejects so that every listed file is in the manifest or in rejects.parquet.
+NOT_RETRIEVED = "not_retrieved"
+NOT_SAMPLED = "not_sampled"
+
+SELECTION_REASONS: dict[str, str] = {
+    NOT_RETRIEVED: "valid and unique, but not among the images retrieved for the curated seed sets",
+    NOT_SAMPLED: "retrieved, but not drawn by balanced sampling from the hierarchical k-means clusters",
+}
+
+ALL_REASONS: dict[str, str] = {**REASONS, **NEAR_DEDUP_REASONS, **SELECTION_REASONS}

@@ -1,8 +1,10 @@
-"""Evaluation protocols on frozen backbones: feature extraction and cache, k-NN, linear probes.
+"""Evaluation protocols on frozen backbones: feature extraction and cache, k-NN, linear probes;
+the champion / challenger promotion policy.
 
 See docs/evaluation.md. Importing this package has no side effects.
 """
 
+from components.evaluate.champion import ChampionMetrics, champion_metrics
 from components.evaluate.features import (
     FeatureSet,
     array_fingerprint,
@@ -20,24 +22,33 @@ from components.evaluate.linear import (
     DEFAULT_C_GRID,
     DEFAULT_LEARNING_RATES,
     HeadSpec,
+    Standardizer,
     fit_logistic_regression,
     linear_evaluation,
     linear_probe,
     logreg_probe,
     validation_split,
 )
+from components.evaluate.promotion import Decision, PromotionPolicy, apply_decision, decide, record_failure
 
 __all__ = [
     "DEFAULT_C_GRID",
     "DEFAULT_KS",
     "DEFAULT_LEARNING_RATES",
     "DEFAULT_TEMPERATURE",
+    "ChampionMetrics",
+    "Decision",
     "FeatureSet",
     "HeadSpec",
+    "PromotionPolicy",
+    "Standardizer",
+    "apply_decision",
     "array_fingerprint",
     "cache_key",
     "cached_feature_set",
     "cached_features",
+    "champion_metrics",
+    "decide",
     "extract_features",
     "fashion_mnist_batches",
     "fashion_mnist_tensor",
@@ -49,6 +60,7 @@ __all__ = [
     "logreg_probe",
     "model_fingerprint",
     "pixel_features",
+    "record_failure",
     "top_k_neighbours",
     "validation_split",
 ]

@@ -7,8 +7,13 @@ from pathlib import Path
 
 from components.config.loader import load_config
 from components.data import fashion_mnist
+from components.evaluate.copydetect import CopyDetectConfig
+from components.evaluate.dense import DenseConfig
 from components.evaluate.knn import DEFAULT_KS, DEFAULT_TEMPERATURE
 from components.evaluate.linear import DEFAULT_C_GRID, DEFAULT_LEARNING_RATES
+from components.evaluate.pca_picture import PcaPictureConfig
+from components.evaluate.promotion import PromotionPolicy
+from components.evaluate.retrieval import RetrievalConfig
 
 REGISTRY_PREFIX = "models:/"
 
@@ -40,10 +45,16 @@ class LinearConfig:
     batch_size: int = 256
     learning_rates: list[float] = field(default_factory=lambda: list(DEFAULT_LEARNING_RATES))
     val_fraction: float = 0.1
+    # Departures from the official recipe (docs/evaluation.md): standardise features with the fit
+    # split's statistics, and make at least min_steps updates however small the set (official: 12,500).
+    standardize: bool = True
+    min_steps: int = 1000
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if self.min_steps < 0:
+            raise ValueError("min_steps must be >= 0")
         if not self.learning_rates or min(self.learning_rates) <= 0:
             raise ValueError("learning_rates must be a non-empty list of positive numbers")
         if not 0.0 < self.val_fraction < 1.0:
@@ -75,6 +86,22 @@ class BaselinesConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """The scheduled champion / challenger evaluation (flows/scheduled_evaluation.py)."""
+
+    model_name: str = "dinoflow-backbone"  # the registered model whose aliases are evaluated
+    cron: str = "0 2 * * *"  # nightly at 02:00
+    timezone: str = "UTC"
+    deployment: str = "nightly-champion-challenger"  # the name flow.serve() gives the local deployment
+
+    def validate(self) -> None:
+        if not self.model_name:
+            raise ValueError("schedule.model_name must name a registered model")
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"schedule.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+
+
+@dataclass
 class EvaluateConfig:
     # A backbone folder (relative to the project root) or a registry URI: models:/NAME@ALIAS, models:/NAME/VERSION.
     model: str = "outputs/pretrain/backbone"
@@ -93,12 +120,23 @@ class EvaluateConfig:
     metrics_path: str = "metrics/eval.json"
     plots_path: str = "metrics/eval_knn_sweep.json"
     cache_dir: str = ""  # empty: <state>/cache/features
+    # The registry version shown beside the model in reports (its eval.* tags); empty: no comparison.
+    champion: str = "models:/dinoflow-backbone@champion"
+    # Optional suites on the model only (not the baselines); off unless params enable them.
+    retrieval: RetrievalConfig = field(default_factory=lambda: RetrievalConfig(enabled=False))
+    copydetect: CopyDetectConfig = field(default_factory=lambda: CopyDetectConfig(enabled=False))
+    dense: DenseConfig = field(default_factory=lambda: DenseConfig(enabled=False))
+    pca_picture: PcaPictureConfig = field(default_factory=lambda: PcaPictureConfig(enabled=False))
+    promotion: PromotionPolicy = field(default_factory=PromotionPolicy)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def validate(self) -> None:
         if not self.model:
             raise ValueError("model must name a backbone folder or a models:/ registry URI")
         if self.model.startswith(REGISTRY_PREFIX):
             parse_registry_uri(self.model)  # fail at load time, not after the data is read
+        if self.champion and parse_registry_uri(self.champion).alias is None:
+            raise ValueError(f"champion must be models:/NAME@ALIAS (or empty), got {self.champion!r}")
         if self.image_size < 1 or self.batch_size < 1 or self.n_last_blocks < 1:
             raise ValueError("image_size, batch_size and n_last_blocks must be >= 1")
         if not self.ks or min(self.ks) < 1:

@@ -13,6 +13,7 @@ from components.models.builders import (
     build_backbone,
     build_vit,
     vit_base,
+    vit_femto,
     vit_giant2,
     vit_large,
     vit_pico,
@@ -20,12 +21,15 @@ from components.models.builders import (
     vit_tiny,
 )
 from components.models.convert import from_hf_dinov2, from_timm, strip_block_chunks, to_hf_dinov2, to_timm
+from components.models.export import BackboneBundle
+from components.models.hub import load
 from components.models.layers import AttnBackend, FfnLayer, PackedLayout
 from components.models.vit import DinoVisionTransformer, FeatureDict, drop_path_rates
 
 __all__ = [
     "ArchSpec",
     "AttnBackend",
+    "BackboneBundle",
     "BackboneConfig",
     "DinoVisionTransformer",
     "FeatureDict",
@@ -40,10 +44,12 @@ __all__ = [
     "drop_path_rates",
     "from_hf_dinov2",
     "from_timm",
+    "load",
     "strip_block_chunks",
     "to_hf_dinov2",
     "to_timm",
     "vit_base",
+    "vit_femto",
     "vit_giant2",
     "vit_large",
     "vit_pico",

@@ -43,6 +43,6 @@ def make_context(
         state=state,
         project=project,
         store=store,
-        tracking=tracking_target(project, state),
+        tracking=tracking_target(project, state, root=top),
         tags={**git_tags(top), **(extra_tags or {})},
     )

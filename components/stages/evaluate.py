@@ -5,14 +5,19 @@ The backbone is a folder (``save_backbone`` layout) or a registry version (``mod
 baseline (same architecture untrained; raw pixels) go through the same protocols; features are cached
 per (model fingerprint, dataset version, extraction options), so re-evaluating the same weights, e.g.
 the folder and then its registered version, extracts nothing. One MLflow run records everything;
-a registry version also gets the model's metrics as ``eval.*`` tags.
+a registry version also gets the model's metrics as ``eval.*`` tags. The current champion's ``eval.*``
+tags, when it is another version, ride along as the report's "champion" column.
+
+``run_promotion`` is the champion / challenger round: it evaluates the versions behind both aliases,
+decides with the promotion policy and moves the ``champion`` alias only on a successful evaluation of
+both that says "promote" (components/evaluate/promotion.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +28,10 @@ import numpy as np
 import torch
 
 from components.data import fashion_mnist
+from components.evaluate.champion import ChampionMetrics, champion_metrics, version_by_alias
 from components.evaluate.config import EvaluateConfig, load_evaluate_config, parse_registry_uri
+from components.evaluate.copydetect import evaluate_copydetect
+from components.evaluate.dense import DenseConfig, evaluate_dense
 from components.evaluate.features import (
     FeatureSet,
     array_fingerprint,
@@ -35,13 +43,28 @@ from components.evaluate.features import (
 )
 from components.evaluate.knn import knn_classify
 from components.evaluate.linear import linear_probe, logreg_probe
+from components.evaluate.pca_picture import evaluate_pca_picture
+from components.evaluate.promotion import Decision, apply_decision, decide, record_failure
+from components.evaluate.retrieval import RetrievalConfig, evaluate_retrieval
 from components.models.builders import build_backbone
 from components.models.export import BackboneBundle, load_backbone
 from components.models.vit import DinoVisionTransformer
+from components.registry.resolve import find_backbone_dir
 from components.stages.context import StageContext
 from components.tracking import stage_run
+from components.tracking.mlflow_setup import configure
 
-__all__ = ["EvalData", "EvaluateOutputs", "ResolvedModel", "load_evaluate_config", "run_evaluate"]
+__all__ = [
+    "EvalData",
+    "EvaluateOutputs",
+    "EvaluationFailed",
+    "PromotionOutcome",
+    "ResolvedModel",
+    "load_evaluate_config",
+    "model_metrics",
+    "run_evaluate",
+    "run_promotion",
+]
 
 NUM_CLASSES = len(fashion_mnist.CLASS_NAMES)
 MODEL_TAG_PREFIX = "eval."
@@ -73,6 +96,7 @@ class EvaluateOutputs:
     run_id: str
     metrics_path: Path
     plots_path: Path
+    champion: ChampionMetrics | None = None  # the champion's eval.* numbers, when it is another version
 
 
 def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
@@ -86,8 +110,16 @@ def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
         # Resolved inside the run: stage_run has pointed MLflow (and its registry) at the project's server.
         model = resolve_model(cfg.model, context.root, context.state)
         mlflow.set_tags(model_tags(model))
-        bundle = load_backbone(model.directory, device=cfg.device)
+        # A registered pyfunc model keeps the backbone folder under artifacts/; a plain folder is itself.
+        bundle = load_backbone(find_backbone_dir(model.directory), device=cfg.device)
         metrics = evaluate_backbone(bundle.model, bundle, data, cfg, cache_dir)
+        pictures = Path(tempfile.mkdtemp(prefix="eval-pictures-", dir=ensure_dir(context.state / "tmp")))
+        try:
+            metrics.update(optional_suites(bundle, cfg, context, cache_dir, pictures))
+            for picture in sorted(pictures.glob("*.png")):
+                mlflow.log_artifact(str(picture), artifact_path="eval/pictures")
+        finally:
+            shutil.rmtree(pictures, ignore_errors=True)
         if cfg.baselines.random_init:
             torch.manual_seed(cfg.seed)  # the same untrained weights every run: a cacheable, comparable floor
             random_model = build_backbone(bundle.config).to(cfg.device).eval()
@@ -104,54 +136,90 @@ def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
         mlflow.log_artifact(str(plots_path), artifact_path="eval")
         if model.name is not None and model.version is not None:
             tag_model_version(model, metrics, run.info.run_id)
-    return EvaluateOutputs(metrics, sweep, model, run.info.run_id, metrics_path, plots_path)
+        champion = current_champion(cfg.champion, model)
+        if champion is not None:
+            mlflow.set_tag("dinoflow.eval.champion_version", champion.version)
+            mlflow.log_metrics({f"champion.{key}": value for key, value in champion.metrics.items()})
+    return EvaluateOutputs(metrics, sweep, model, run.info.run_id, metrics_path, plots_path, champion)
+
+
+def model_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The model's own numbers: the keys without a ``<baseline>.`` prefix."""
+    return {key: value for key, value in metrics.items() if "." not in key}
+
+
+def current_champion(champion_uri: str, model: ResolvedModel) -> ChampionMetrics | None:
+    """The champion's eval.* numbers, unless there is none, it is the model itself, or comparison is off."""
+    if not champion_uri:
+        return None
+    from mlflow import MlflowClient
+
+    ref = parse_registry_uri(champion_uri)
+    assert ref.alias is not None  # EvaluateConfig.validate refuses a champion given by version
+    same_model = model.version if model.name == ref.name else None
+    return champion_metrics(MlflowClient(), ref.name, ref.alias, exclude_version=same_model)
+
+
+# ---------------------------------------------------------------- optional suites
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def state_path(value: str, default: str, state_default: Path, root: Path) -> str:
+    """A suite's data folder: its class default moves into the state folder, a relative one under root."""
+    if value == default:
+        return str(state_default)
+    return value if Path(value).is_absolute() else str(root / value)
+
+
+def optional_suites(bundle: BackboneBundle, cfg: EvaluateConfig, context: StageContext, cache_dir: Path,
+                    pictures: Path) -> dict[str, float]:
+    """Retrieval, copy detection, dense probes and the PCA picture, each when its section is enabled.
+
+    They score the model only: their floors are not part of the demo report. Pictures land in
+    ``pictures`` for the caller to log."""
+    metrics: dict[str, float] = {}
+    model, device, batch = bundle.model, cfg.device, cfg.batch_size
+    fmnist_cache = context.state / "cache" / "fashion-mnist"
+    if cfg.retrieval.enabled:
+        suite = dataclasses.replace(cfg.retrieval, data_cache_dir=state_path(
+            cfg.retrieval.data_cache_dir, RetrievalConfig.data_cache_dir, fmnist_cache, context.root))
+        metrics.update(evaluate_retrieval(model, suite, bundle.mean, bundle.std, cache_dir=cache_dir,
+                                          picture_dir=pictures, device=device, batch_size=batch))
+    if cfg.copydetect.enabled:
+        metrics.update(evaluate_copydetect(model, cfg.copydetect, bundle.mean, bundle.std, cache_dir=cache_dir,
+                                           device=device, batch_size=batch))
+    if cfg.dense.enabled:
+        dense = dataclasses.replace(
+            cfg.dense,
+            data_cache_dir=state_path(cfg.dense.data_cache_dir, DenseConfig.data_cache_dir, fmnist_cache, context.root),
+            demo_dir=state_path(cfg.dense.demo_dir, DenseConfig.demo_dir, context.state / "cache" / "dense-demo",
+                                context.root))
+        metrics.update(evaluate_dense(model, dense, bundle.mean, bundle.std, cache_dir=cache_dir, device=device,
+                                      batch_size=batch))
+    if cfg.pca_picture.enabled:
+        metrics.update(evaluate_pca_picture(model, cfg.pca_picture, bundle.mean, bundle.std, pictures,
+                                            device=device, batch_size=batch))
+    return metrics
 
 
 # ---------------------------------------------------------------- model
 
 
 def resolve_model(uri: str, root: Path, state: Path) -> ResolvedModel:
-    """A local folder as is (relative to ``root``); a registry URI downloaded to ``<state>/cache/models``."""
+    """A local folder as is (relative to ``root``); a registry URI downloaded once to ``<state>/cache/models``
+    (components/registry/resolve.py: plain backbone versions and pyfunc versions alike)."""
     if not uri.startswith("models:/"):
         directory = Path(uri)
         return ResolvedModel(uri=uri, directory=directory if directory.is_absolute() else root / directory)
-    from mlflow import MlflowClient
+    from components.registry.resolve import resolve_model_uri
 
-    ref = parse_registry_uri(uri)
-    client = MlflowClient()
-    version = (client.get_model_version_by_alias(ref.name, ref.alias) if ref.alias is not None
-               else client.get_model_version(ref.name, str(ref.version)))
-    number = str(version.version)
-    # The source's hash in the folder name: another server's version 3 of the same name is another model.
-    source = str(version.source)
-    folder = f"{number}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
-    directory = download_version(source, state / "cache" / "models" / safe_name(ref.name) / folder)
-    return ResolvedModel(uri=uri, directory=directory, name=ref.name, version=number)
-
-
-def safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def download_version(source: str, target: Path) -> Path:
-    """The version's artifacts in ``target``, downloaded once: a version's files never change.
-
-    The download lands in a staging folder renamed into place, so an interrupted download never
-    leaves a folder that looks complete."""
-    import mlflow
-
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging)))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(local, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    parse_registry_uri(uri)  # a clear error for a malformed URI before any registry call
+    resolved = resolve_model_uri(uri, state / "cache" / "models")
+    return ResolvedModel(uri=uri, directory=resolved.backbone_dir, name=resolved.name, version=resolved.version)
 
 
 def model_tags(model: ResolvedModel) -> dict[str, str]:
@@ -234,7 +302,8 @@ def protocols(train: FeatureSet, test: FeatureSet, data: EvalData, cfg: Evaluate
         result: dict[str, Any] = linear_probe(
             train, data.train_labels, test, data.test_labels, learning_rates=cfg.linear.learning_rates,
             epochs=cfg.linear.epochs, batch_size=cfg.linear.batch_size, val_fraction=cfg.linear.val_fraction,
-            seed=cfg.seed, num_classes=NUM_CLASSES)
+            seed=cfg.seed, num_classes=NUM_CLASSES, standardize=cfg.linear.standardize,
+            min_steps=cfg.linear.min_steps)
         metrics["linear_top1"] = float(result["linear_top1"])
     if cfg.logreg.enabled:
         result = logreg_probe(train, data.train_labels, test, data.test_labels, c_grid=cfg.logreg.c_grid,
@@ -269,3 +338,88 @@ def write_json(path: Path, payload: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+# ---------------------------------------------------------------- champion / challenger
+
+
+class EvaluationFailed(RuntimeError):
+    """One side of a champion / challenger round could not be evaluated; no alias was moved."""
+
+    def __init__(self, role: str, version: str, cause: BaseException) -> None:
+        super().__init__(f"evaluation of the {role} (version {version}) failed: {cause!r}; no alias was moved")
+        self.role, self.version = role, version
+
+
+@dataclass(frozen=True)
+class PromotionOutcome:
+    name: str
+    champion_version: str | None  # before the round
+    challenger_version: str | None
+    decision: Decision | None  # None when there was nothing to compare (no challenger, or the same version)
+    evaluations: dict[str, EvaluateOutputs]  # by role: "champion", "challenger"
+
+    @property
+    def champion_after(self) -> str | None:
+        promoted = self.decision is not None and self.decision.promote
+        return self.challenger_version if promoted else self.champion_version
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready: versions, the decision with reasons and numbers, each side's own metrics and run."""
+        decision = self.decision
+        return {
+            "model_name": self.name,
+            "champion_before": self.champion_version,
+            "challenger": self.challenger_version,
+            "champion_after": self.champion_after,
+            "decision": None if decision is None else decision.label,
+            "reasons": [] if decision is None else decision.reasons,
+            "numbers": {} if decision is None else decision.numbers,
+            "metrics": {role: model_metrics(out.metrics) for role, out in self.evaluations.items()},
+            "mlflow_run_ids": {role: out.run_id for role, out in self.evaluations.items()},
+        }
+
+
+def run_promotion(context: StageContext, cfg: EvaluateConfig, model_name: str | None = None) -> PromotionOutcome:
+    """Evaluate ``champion`` and ``challenger`` of ``model_name``, decide, and apply the decision.
+
+    Both aliases are resolved to version numbers first, so an alias moved by someone else during the
+    round changes nothing here. An absent alias is skipped. A failed evaluation is tagged on its version
+    (``promotion.decision=evaluation_failed``) and raised as EvaluationFailed: no alias moves."""
+    from mlflow import MlflowClient
+
+    name = model_name or cfg.schedule.model_name
+    policy = cfg.promotion
+    configure(context.tracking)  # the registry of this project, before any lookup
+    client = MlflowClient()
+    champion_v, challenger_v = (version_by_alias(client, name, alias)
+                                for alias in (policy.champion_alias, policy.challenger_alias))
+    versions = {role: str(v.version) for role, v in (("champion", champion_v), ("challenger", challenger_v))
+                if v is not None}
+    if versions.get("challenger") == versions.get("champion"):
+        versions.pop("challenger", None)  # one version behind both aliases: nothing to compare
+    evaluations: dict[str, EvaluateOutputs] = {}
+    for role, version in versions.items():  # champion first: the challenger's report then shows fresh numbers
+        try:
+            evaluations[role] = run_evaluate(context, round_config(cfg, context, name, version, role))
+        except Exception as exc:
+            record_failure(client, name, version, role, exc)
+            raise EvaluationFailed(role, version, exc) from exc
+    decision = None
+    if "challenger" in evaluations:
+        champion = evaluations.get("champion")
+        decision = decide(model_metrics(champion.metrics) if champion else None,
+                          model_metrics(evaluations["challenger"].metrics), policy)
+        apply_decision(client, name, decision, versions.get("champion"), versions["challenger"], policy)
+    return PromotionOutcome(name, versions.get("champion"), versions.get("challenger"), decision, evaluations)
+
+
+def round_config(cfg: EvaluateConfig, context: StageContext, name: str, version: str, role: str) -> EvaluateConfig:
+    """The stage config for one side of a round: the pinned version, reports outside metrics/ (which
+    belong to the DVC stage), and the champion column only on the challenger's report."""
+    reports = context.state / "scheduled-eval"
+    return dataclasses.replace(
+        cfg, model=f"models:/{name}/{version}",
+        metrics_path=str(reports / f"{role}.json"), plots_path=str(reports / f"{role}_knn_sweep.json"),
+        champion=f"models:/{name}@{cfg.promotion.champion_alias}" if role == "challenger" else "",
+    )

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from components.models.export import save_backbone
 from components.stages.context import StageContext
-from components.tracking import stage_run
+from components.tracking import log_manifest_input, stage_run
+from components.train.checkpoint import latest_checkpoint
 from components.train.config import PretrainConfig, load_pretrain_config
 from components.train.distributed import barrier, init_distributed, shutdown_distributed
 from components.train.engine import PretrainResult, run_pretraining
@@ -42,15 +43,21 @@ def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
         with stage_run(context.tracking, "pretrain", cfg, tags={**context.tags,
                        "dinoflow.world_size": str(env.world_size)}) as run:
             mlflow.enable_system_metrics_logging()
+            manifest = context.root / cfg.data.manifest
+            if manifest.is_file():  # an s3:// manifest is fetched by the data loader, not logged here
+                log_manifest_input(manifest, "pretrain-manifest")
             tracker = MlflowStepTracker(cfg.objective.optim.iterations, start_step=0)
             result, model = run_pretraining(cfg, env, context.root, tracker, store=context.store)
             backbone_dir = version = None
             if result.finished:
                 backbone_dir = export_teacher(cfg, context.root, model, run.info.run_id, result)
                 mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
-                if cfg.run.log_checkpoint_to_mlflow and result.checkpoint is not None:
-                    mlflow.log_artifacts(str(result.checkpoint), artifact_path="checkpoint")
-                version = register(cfg.run.registered_model_name, run.info.run_id)
+                # A rerun that finds training finished only re-exports: log the newest checkpoint anyway, so the
+                # new version keeps its heads (distillation through the heads reads them from there).
+                checkpoint = result.checkpoint or latest_checkpoint(context.root / cfg.run.output_dir / "checkpoints")
+                if cfg.run.log_checkpoint_to_mlflow and checkpoint is not None:
+                    mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
+                version = register(cfg.run.registered_model_name, run.info.run_id, backbone_dir)
             mlflow.log_metrics({"final_step": float(result.end_step), "skipped_images": float(result.skipped_images)})
             write_metrics(context.root, cfg, result)
         barrier()
@@ -72,17 +79,29 @@ def export_teacher(cfg: PretrainConfig, root: Path, model: object, run_id: str, 
     )
 
 
-def register(name: str, run_id: str) -> str:
-    """Register the run's backbone artifacts as a new version of ``name`` and point ``challenger`` at it."""
+def register(name: str, run_id: str, backbone_dir: Path | None = None) -> str:
+    """Register the run's backbone as a new version of ``name`` and point ``challenger`` at it.
+
+    With ``backbone_dir`` (inside the active run) the version is an MLflow pyfunc model logged from
+    code (components/serving): servable with ``mlflow models serve``, no pickle. Without it, the run's
+    plain ``backbone`` artifact folder is registered (older versions, tests).
+    """
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    with contextlib.suppress(MlflowException):  # already registered
-        client.create_registered_model(name)
-    run = client.get_run(run_id)
-    source = f"{run.info.artifact_uri}/backbone"
-    version = client.create_model_version(name, source, run_id=run_id, tags={"dinoflow.kind": "backbone"})
+    if backbone_dir is not None:
+        from components.serving import log_backbone_pyfunc
+
+        model_uri = log_backbone_pyfunc(backbone_dir, artifact_path="model")
+        version = mlflow.register_model(model_uri, name, tags={"dinoflow.kind": "backbone",
+                                                               "dinoflow.format": "pyfunc"})
+    else:
+        with contextlib.suppress(MlflowException):  # already registered
+            client.create_registered_model(name)
+        source = f"{client.get_run(run_id).info.artifact_uri}/backbone"
+        version = client.create_model_version(name, source, run_id=run_id, tags={"dinoflow.kind": "backbone"})
     client.set_registered_model_alias(name, "challenger", version.version)
     return str(version.version)
 

@@ -190,10 +190,11 @@ def initialise_backbones(model: SSLMetaArch, source: str, env: DistEnv) -> None:
         log.info("backbones initialised from %s%s", source, f" ({'; '.join(notes)})" if notes else "")
 
 
-def build_model(cfg: PretrainConfig, env: DistEnv) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
+def build_model(cfg: PretrainConfig, env: DistEnv, recipe: ModelRecipe | None = None
+                ) -> tuple[SSLMetaArch, torch.optim.Optimizer]:
     """Model with the same initial weights on every rank (sharded under FSDP), then its optimizer, which
     must be built after sharding so that it holds the sharded parameters."""
-    model = SSLMetaArch(cfg.backbone, cfg.objective).to(env.device).train()
+    model = (recipe or ModelRecipe()).build(cfg).to(env.device).train()
     if cfg.run.init_backbone:
         initialise_backbones(model, cfg.run.init_backbone, env)
     broadcast_module(model)
@@ -210,6 +211,20 @@ def architecture_fingerprint(cfg: PretrainConfig) -> str:
     return json.dumps({"backbone": to_mapping(cfg.backbone), "dino_head": to_mapping(o.dino.head),
                        "ibot_head": to_mapping(o.ibot.head), "separate_head": o.ibot.separate_head},
                       sort_keys=True)
+
+
+def pretraining_meta_arch(cfg: PretrainConfig) -> SSLMetaArch:
+    return SSLMetaArch(cfg.backbone, cfg.objective)
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """What the loop trains: the meta-architecture (an :class:`SSLMetaArch`, or a subclass such as the
+    distillation one, built on the CPU) and the fingerprint its checkpoints must match to be resumed.
+    The default is pretraining; components/distill plugs in its own."""
+
+    build: Callable[[PretrainConfig], SSLMetaArch] = pretraining_meta_arch
+    fingerprint: Callable[[PretrainConfig], str] = architecture_fingerprint
 
 
 def checkpoint_state(model: SSLMetaArch, optimizer: torch.optim.Optimizer, step: int, data_position: int,
@@ -287,21 +302,24 @@ def save(model: SSLMetaArch, optimizer: torch.optim.Optimizer, place: Checkpoint
 
 
 def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTracker | None = None,
-                    store: ObjectStore | None = None) -> tuple[PretrainResult, SSLMetaArch]:
+                    store: ObjectStore | None = None, recipe: ModelRecipe | None = None
+                    ) -> tuple[PretrainResult, SSLMetaArch]:
     """Train (or continue training) until ``objective.optim.iterations`` or ``run.max_steps`` more steps.
 
     ``store`` (with ``run.checkpoint_store_prefix``) mirrors checkpoints to the object store.
+    ``recipe`` swaps the model and its checkpoint fingerprint (distillation); default: pretraining.
     """
+    recipe = recipe or ModelRecipe()
     tracker = tracker or NullTracker()
     output = root / cfg.run.output_dir
     place = CheckpointPlace(output / "checkpoints", cfg.run.keep_last, store, cfg.run.checkpoint_store_prefix)
     place.fetch_from_store(env)
     checkpoints = place.directory
     torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank (and broadcast in build_model)
-    model, optimizer = build_model(cfg, env)
+    model, optimizer = build_model(cfg, env, recipe)
     fsdp = resolve_strategy(cfg.run.strategy, env) == "fsdp"
     torch.manual_seed(cfg.data.seed + env.rank)  # drop path draws differ per rank; restored on resume
-    fingerprint = architecture_fingerprint(cfg)
+    fingerprint = recipe.fingerprint(cfg)
     start, position = restore(model, optimizer, checkpoints, env, fingerprint)
     total = cfg.objective.optim.iterations
     stream = DataStream(cfg, env, root)

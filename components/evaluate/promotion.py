@@ -1,0 +1,142 @@
+"""Champion / challenger promotion: a policy from params, a pure decision, and its effect on the registry.
+
+``decide`` compares two metric dicts (the ``eval.*`` numbers of the champion and the challenger) and
+says whether the challenger should become champion, with its reasons and numbers. ``apply_decision``
+is the only place that moves the ``champion`` alias, and only when the decision says so; it records
+the decision on both versions as ``promotion.*`` tags. A caller whose evaluation failed never gets a
+Decision to apply: it calls ``record_failure`` instead, which tags and moves nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+TAG_PREFIX = "promotion."
+# MLflow caps a model-version tag value at 5,000 characters; reasons and errors are cut below that.
+_MAX_TAG_CHARS = 4000
+
+
+@dataclass
+class PromotionPolicy:
+    """When a challenger replaces the champion (params/evaluate.yaml, section ``evaluate.promotion``)."""
+
+    primary_metric: str = "knn_top1_k20"
+    min_improvement: float = 0.005  # the challenger must beat the champion's primary metric by this much
+    # metric -> the largest regression allowed (in the metric's own units) before promotion is blocked
+    guarded_metrics: dict[str, float] = field(default_factory=lambda: {"linear_top1": 0.01})
+    # metric -> False where lower is better (errors, distances); any metric not listed: higher is better
+    higher_is_better: dict[str, bool] = field(default_factory=lambda: {"depth_rmse": False})
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+    def validate(self) -> None:
+        if not self.primary_metric:
+            raise ValueError("primary_metric must name a metric")
+        if self.min_improvement < 0:
+            raise ValueError("min_improvement must be >= 0")
+        if any(limit < 0 for limit in self.guarded_metrics.values()):
+            raise ValueError("guarded_metrics limits are allowed regressions: each must be >= 0")
+        if not self.champion_alias or not self.challenger_alias or self.champion_alias == self.challenger_alias:
+            raise ValueError("champion_alias and challenger_alias must be two different non-empty names")
+
+    def improvement(self, metric: str, champion: float, challenger: float) -> float:
+        """How much better the challenger is (positive) or worse (negative), whatever the metric's direction."""
+        delta = challenger - champion
+        return delta if self.higher_is_better.get(metric, True) else -delta
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reasons: list[str]
+    # challenger.<m>, champion.<m> and improvement.<m> for the primary and every guarded metric compared
+    numbers: dict[str, float]
+    primary_metric: str
+    primary_delta: float | None  # improvement of the primary metric; None without a champion to compare to
+
+    @property
+    def label(self) -> str:
+        return "promoted" if self.promote else "rejected"
+
+
+def decide(champion: dict[str, float] | None, challenger: dict[str, float],
+           policy: PromotionPolicy | None = None) -> Decision:
+    """Should ``challenger`` replace ``champion``? ``champion`` None: there is none, so it should."""
+    policy = policy or PromotionPolicy()
+    primary = policy.primary_metric
+    if primary not in challenger:
+        return Decision(False, [f"challenger has no {primary}: nothing to judge it by"], {}, primary, None)
+    numbers = {f"challenger.{primary}": challenger[primary]}
+    if champion is None:
+        return Decision(True, ["no champion yet: the challenger becomes champion"], numbers, primary, None)
+    if primary not in champion:
+        return Decision(False, [f"champion has no {primary}: evaluate it before comparing"], numbers, primary, None)
+    reasons: list[str] = []
+    delta = policy.improvement(primary, champion[primary], challenger[primary])
+    numbers.update({f"champion.{primary}": champion[primary], f"improvement.{primary}": delta})
+    promote = delta >= policy.min_improvement
+    reasons.append(f"{primary}: {challenger[primary]:.4f} vs champion {champion[primary]:.4f}, "
+                   f"improvement {delta:+.4f} {'>=' if promote else '<'} required {policy.min_improvement:.4f}")
+    for metric, allowed in sorted(policy.guarded_metrics.items()):
+        if metric not in champion or metric not in challenger:
+            side = "champion" if metric not in champion else "challenger"
+            reasons.append(f"{metric}: not compared (missing on the {side})")
+            continue
+        change = policy.improvement(metric, champion[metric], challenger[metric])
+        numbers.update({f"challenger.{metric}": challenger[metric], f"champion.{metric}": champion[metric],
+                        f"improvement.{metric}": change})
+        if -change > allowed:
+            promote = False
+            reasons.append(f"{metric}: regression {-change:.4f} exceeds allowed {allowed:.4f} (blocks promotion)")
+        else:
+            reasons.append(f"{metric}: change {change:+.4f} within allowed regression {allowed:.4f}")
+    return Decision(promote, reasons, numbers, primary, delta)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def decision_tags(decision: Decision, role: str, champion_version: str | None, challenger_version: str,
+                  at: str) -> dict[str, str]:
+    """The ``promotion.*`` tags one version gets; ``role`` is which side of the comparison it was on."""
+    tags = {
+        "decision": decision.label,
+        "role": role,
+        "at": at,
+        "primary_metric": decision.primary_metric,
+        "challenger_version": challenger_version,
+        "champion_version": champion_version or "",
+        "reasons": "; ".join(decision.reasons)[:_MAX_TAG_CHARS],
+    }
+    if decision.primary_delta is not None:
+        tags["primary_delta"] = f"{decision.primary_delta:.6f}"
+    tags.update({key: f"{value:.6f}" for key, value in decision.numbers.items()})
+    return {TAG_PREFIX + key: value for key, value in tags.items()}
+
+
+def apply_decision(client: Any, name: str, decision: Decision, champion_version: str | None,
+                   challenger_version: str, policy: PromotionPolicy | None = None) -> None:
+    """Tag both versions with the decision; move the champion alias to the challenger only if it promotes.
+
+    ``client`` is an ``mlflow.MlflowClient`` pointed at the registry. Tags are written before the alias
+    moves, so a crash in between leaves a recorded decision and the old champion, never the reverse."""
+    policy = policy or PromotionPolicy()
+    at = _now()
+    sides = [("challenger", challenger_version)]
+    if champion_version is not None and champion_version != challenger_version:
+        sides.append(("champion", champion_version))
+    for role, version in sides:
+        for key, value in decision_tags(decision, role, champion_version, challenger_version, at).items():
+            client.set_model_version_tag(name, version, key, value)
+    if decision.promote:
+        client.set_registered_model_alias(name, policy.champion_alias, challenger_version)
+
+
+def record_failure(client: Any, name: str, version: str, role: str, error: BaseException | str) -> None:
+    """A version whose evaluation failed: tagged ``promotion.decision=evaluation_failed``; no alias moves."""
+    tags = {"decision": "evaluation_failed", "role": role, "at": _now(), "error": str(error)[:_MAX_TAG_CHARS]}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, TAG_PREFIX + key, value)

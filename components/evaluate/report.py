@@ -1,0 +1,49 @@
+"""The evaluation table people read at the end of a run, from ``metrics/eval.json`` alone.
+
+``metrics/eval.json`` is flat (DVC metrics): the model's keys as is (``knn_top1_k20``) and each
+baseline's as ``baseline_<name>_<key>``. This folds them back into one row per metric with a column
+per baseline, without MLflow or Prefect, so ``dinoflow report`` answers in a second.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+BASELINE_PREFIX = "baseline_"
+BASELINE_COLUMNS = ("random_init", "pixels")  # in the order the stage computes them
+
+
+def split_baselines(flat: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(model metrics, {baseline: metrics}) from the flat keys."""
+    model = {k: float(v) for k, v in flat.items() if not k.startswith(BASELINE_PREFIX)}
+    baselines: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        if not key.startswith(BASELINE_PREFIX):
+            continue
+        rest = key[len(BASELINE_PREFIX):]
+        name = next((b for b in BASELINE_COLUMNS if rest.startswith(f"{b}_")), None)
+        if name is None:  # an unknown baseline: its name is the first word
+            name, _, _ = rest.partition("_")
+        baselines.setdefault(name, {})[rest[len(name) + 1:]] = float(value)
+    return model, baselines
+
+
+def eval_table(flat: Mapping[str, float], metrics: tuple[str, ...] | None = None) -> str:
+    """A markdown table: one row per model metric (all, or ``metrics``), the model then each baseline."""
+    model, baselines = split_baselines(flat)
+    names = [b for b in BASELINE_COLUMNS if b in baselines] + sorted(set(baselines) - set(BASELINE_COLUMNS))
+    rows = [m for m in (metrics or tuple(sorted(model))) if m in model]
+    lines = ["| metric | model | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for key in rows:
+        cells = [f"{model[key]:.4f}"] + [f"{baselines[b][key]:.4f}" if key in baselines[b] else "" for b in names]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_eval_table(path: Path, metrics: tuple[str, ...] | None = None) -> str:
+    """The table for the metrics file at ``path`` (FileNotFoundError names the stage to run)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist yet: run `dvc repro evaluate` or `dinoflow evaluate`")
+    return eval_table(json.loads(path.read_text()), metrics)

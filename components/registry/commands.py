@@ -1,0 +1,113 @@
+"""``dinoflow models list|show|pull`` as plain functions returning JSON-ready dicts.
+
+Each takes an optional ``MlflowClient`` (default: the current tracking / registry URI) so that the
+command line, Prefect flows and tests call the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from components.registry.lineage import run_lineage
+from components.registry.resolve import download_once, find_backbone_dir, registry_version
+
+
+def default_client(client: Any | None) -> Any:
+    if client is not None:
+        return client
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def version_summary(version: Any, aliases: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "version": str(version.version),
+        "aliases": sorted(version.aliases or []) if aliases is None else sorted(aliases),
+        "run_id": version.run_id or None,
+        "source": version.source,
+        "status": version.status,
+        "created": version.creation_timestamp,
+        "tags": dict(sorted((version.tags or {}).items())),
+    }
+
+
+def list_models(client: Any | None = None) -> dict[str, Any]:
+    """Every registered model with its aliases and versions (newest first)."""
+    client = default_client(client)
+    models = []
+    for model in paged(client.search_registered_models):
+        versions = paged(lambda page_token=None, name=model.name: client.search_model_versions(
+            f"name = '{escape(name)}'", page_token=page_token))
+        versions = sorted(versions, key=lambda v: int(v.version), reverse=True)
+        aliases = {alias: str(number) for alias, number in sorted((model.aliases or {}).items())}
+        # search_model_versions leaves ModelVersion.aliases empty: the model's alias map is the truth.
+        by_version: dict[str, list[str]] = {}
+        for alias, number in aliases.items():
+            by_version.setdefault(number, []).append(alias)
+        models.append({
+            "name": model.name,
+            "description": model.description or "",
+            "aliases": aliases,
+            "versions": [version_summary(v, by_version.get(str(v.version), [])) for v in versions],
+        })
+    return {"models": sorted(models, key=lambda m: m["name"])}
+
+
+def show_model(uri: str, client: Any | None = None) -> dict[str, Any]:
+    """One version (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; ``models:/`` may be left out)
+    with its source run's lineage."""
+    client = default_client(client)
+    uri = registry_uri(uri)
+    version = registry_version(client, uri)
+    return {"uri": uri, "name": version.name, **version_summary(version),
+            "description": version.description or "", "lineage": run_lineage(client, version.run_id)}
+
+
+def pull_model(uri: str, dest: Path, client: Any | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Download a version's files into ``dest`` (which must not exist or be empty unless ``overwrite``)."""
+    client = default_client(client)
+    uri = registry_uri(uri)
+    version = registry_version(client, uri)
+    dest = Path(dest).resolve()
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dest} is not empty (pass overwrite / --force to replace it)")
+    # Stage beside dest, then swap it in: an interrupted pull never leaves a half-filled dest.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pull-"))
+    try:
+        downloaded = download_once(str(version.source), staging / "files")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(downloaded, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    backbone = find_backbone_dir(dest)
+    return {"uri": uri, "name": version.name, "version": str(version.version), "dest": str(dest),
+            "kind": "pyfunc" if (dest / "MLmodel").is_file() else "backbone", "backbone_dir": str(backbone),
+            "files": sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())}
+
+
+def registry_uri(text: str) -> str:
+    """Accept ``NAME@ALIAS`` / ``NAME/VERSION`` as well as the full ``models:/`` form."""
+    return text if text.startswith("models:/") else f"models:/{text}"
+
+
+def escape(name: str) -> str:
+    return name.replace("'", "\\'")
+
+
+def paged(search: Any) -> list[Any]:
+    """All pages of an MLflow ``search_*`` call."""
+    items: list[Any] = []
+    token = None
+    while True:
+        page = search(page_token=token) if token else search()
+        items.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return items

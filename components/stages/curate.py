@@ -1,0 +1,169 @@
+"""The ``curate`` stage: a raw pool (folder or s3:// prefix) -> a curated manifest, rejects, stats, pictures.
+
+Builds the demo pool with planted truth when ``demo.enabled`` (idempotent), runs (or continues) the
+resumable pipeline of components/curation/pipeline.py, writes the outputs atomically, and records one
+MLflow run: params, counts per step as metrics (plus precision/recall against the planted truth for
+the demo), the stats, report and pictures as artifacts, and the manifest as an MLflow dataset input.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from components.curation.config import CurateConfig, load_curate_config
+from components.curation.demo_pool import build_curation_demo, score_against_truth
+from components.curation.ingest import write_text_atomic
+from components.curation.pictures import cluster_grid, duplicate_grid
+from components.curation.pipeline import CURATE_REASONS, CurationResult, run_curation
+from components.data.demo_pool import write_parquet_atomic
+from components.stages.context import StageContext
+from components.storage import ObjectStore, open_store
+from components.tracking import stage_run
+from components.tracking.datasets import log_manifest_input
+
+__all__ = ["CurateOutputs", "curate_markdown", "load_curate_config", "run_curate"]
+
+
+@dataclass(frozen=True)
+class CurateOutputs:
+    manifest_path: Path
+    rejects_path: Path
+    stats_path: Path
+    pictures: dict[str, Path]  # name -> PNG
+    report_path: Path
+    stats: dict[str, Any]
+    run_id: str
+
+
+def resolved(path: str, root: Path) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else root / candidate
+
+
+def with_demo(cfg: CurateConfig, context: StageContext) -> tuple[CurateConfig, pl.DataFrame | None]:
+    """A copy of ``cfg`` pointing at the demo pool (built now if needed), and the planted truth."""
+    if not cfg.demo.enabled:
+        return cfg, None
+    demo = build_curation_demo(cfg.demo, context.store, context.state)
+    out = copy.deepcopy(cfg)
+    out.ingest.pool = demo.pool_uri
+    out.eval_dedup.sets = out.eval_dedup.sets or [demo.eval_uri]
+    out.retrieval.seeds = out.retrieval.seeds or demo.seeds_uri
+    out.outputs.labels = out.outputs.labels or demo.labels_uri
+    return out, demo.truth
+
+
+def resolve_backbone(cfg: CurateConfig, context: StageContext) -> CurateConfig:
+    """A registry URI becomes its downloaded folder, a relative folder an absolute one (inside the run)."""
+    spec = cfg.embed.backbone
+    if spec.startswith(("random:", "pixels:", "state_dict:")):
+        return cfg
+    from components.stages.evaluate import resolve_model  # shared resolver: models:/NAME@ALIAS, models:/NAME/N
+
+    out = copy.deepcopy(cfg)
+    out.embed.backbone = str(resolve_model(spec, context.root, context.state).directory)
+    return out
+
+
+def run_curate(context: StageContext, cfg: CurateConfig) -> CurateOutputs:
+    import mlflow
+
+    cfg.validate()
+    default_work = context.state / "curate" / "work"
+    work_dir = resolved(cfg.outputs.work_dir, context.root) if cfg.outputs.work_dir else default_work
+    project_store = context.project.store
+
+    def store_opener(uri: str) -> ObjectStore:  # the project's S3 endpoint/region apply to the pool too
+        return open_store(uri, endpoint_url=project_store.endpoint_url, region=project_store.region)
+
+    with stage_run(context.tracking, "curate", cfg, tags=context.tags) as run:
+        effective, truth = with_demo(cfg, context)
+        effective = resolve_backbone(effective, context)
+        result = run_curation(effective, work_dir, store_opener)
+        stats = dict(result.stats)
+        if truth is not None:
+            stats["demo"] = score_against_truth(truth, result.ingest_kept, result.rejected, result.manifest)
+        paths = write_outputs(result, stats, effective, context.root)
+        pictures = draw_pictures(result, effective, resolved(cfg.outputs.pictures, context.root))
+        report = resolved(cfg.outputs.pictures, context.root) / "report.md"
+        write_text_atomic(curate_markdown(stats, pictures), report)
+        mlflow.log_metrics(run_metrics(stats))
+        mlflow.set_tags({"dinoflow.curate.pool": effective.ingest.pool,
+                         "dinoflow.curate.embedder": effective.embed.backbone})
+        for path in (paths["stats"], report, *pictures.values()):
+            mlflow.log_artifact(str(path), artifact_path="curate")
+        # the md5 of the parquet file: the same digest dvc.lock records for the output
+        log_manifest_input(paths["manifest"], name="curated-manifest", context="curated-output")
+    return CurateOutputs(manifest_path=paths["manifest"], rejects_path=paths["rejects"], stats_path=paths["stats"],
+                         pictures=pictures, report_path=report, stats=stats, run_id=run.info.run_id)
+
+
+def write_outputs(result: CurationResult, stats: dict[str, Any], cfg: CurateConfig, root: Path) -> dict[str, Path]:
+    paths = {"manifest": resolved(cfg.outputs.manifest, root), "rejects": resolved(cfg.outputs.rejects, root),
+             "stats": resolved(cfg.outputs.stats, root)}
+    write_parquet_atomic(result.manifest, paths["manifest"])
+    write_parquet_atomic(result.rejected, paths["rejects"])
+    # Last: DVC metrics; NaN (a demo metric with nothing to count) is not JSON, so it becomes null.
+    write_text_atomic(json.dumps({"curate": json_safe(stats)}, indent=2, sort_keys=True) + "\n", paths["stats"])
+    return paths
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def draw_pictures(result: CurationResult, cfg: CurateConfig, folder: Path) -> dict[str, Path]:
+    uri_of = dict(zip(result.ingest_kept["id"].to_list(), result.ingest_kept["uri"].to_list(), strict=True))
+    out = cfg.outputs
+    groups = [(f"{len(removed) + 1} images", [uri_of[kept], *[uri_of[r] for r in removed]])
+              for kept, removed in result.duplicate_groups[:out.grid_groups]]
+    pictures = {"duplicates": duplicate_grid(groups, folder / "duplicates.png", per_row=out.grid_per_row)}
+    if result.clusters is not None and result.clusters.height:
+        sizes = result.clusters.group_by("cluster").len().sort(["len", "cluster"], descending=[True, False])
+        rows = []
+        for cluster, size in sizes.head(out.grid_clusters).iter_rows():
+            members = result.clusters.filter(pl.col("cluster") == cluster).sort("id")["id"].head(out.grid_per_row)
+            rows.append((f"cluster {cluster} (n={size})", [uri_of[i] for i in members.to_list()]))
+        pictures["clusters"] = cluster_grid(rows, folder / "clusters.png", per_row=out.grid_per_row)
+    return pictures
+
+
+def run_metrics(stats: dict[str, Any]) -> dict[str, float]:
+    metrics = {f"count.{step}": float(n) for step, n in stats["steps"].items()}
+    metrics.update({f"rejected.{reason}": float(n) for reason, n in stats["rejected_by_reason"].items()})
+    metrics["reconciled"] = 1.0 if stats["reconciled"] else 0.0
+    metrics.update({f"demo.{k}": float(v) for k, v in stats.get("demo", {}).items() if not math.isnan(v)})
+    return metrics
+
+
+def curate_markdown(stats: dict[str, Any], pictures: dict[str, Path]) -> str:
+    """Counts per step and reason, the reconciliation, demo scores and where the pictures are."""
+    steps = stats["steps"]
+    listed = max(int(steps["listed"]), 1)
+    lines = [f"## Curation of `{stats['pool']}`", "", f"Embedder: `{stats['embedder']}`", "",
+             "| step | images | % of listed |", "|---|---:|---:|"]
+    lines += [f"| {name} | {n:,} | {100 * n / listed:.1f}% |" for name, n in steps.items()]
+    verdict = "yes" if stats["reconciled"] else "**NO**"
+    lines += ["", f"Reconciled (listed == manifest + rejected = {steps['manifest']:,} + {stats['rejected']:,}): "
+              f"{verdict}", "", "| reason | files | meaning |", "|---|---:|---|"]
+    lines += [f"| `{code}` | {n:,} | {CURATE_REASONS[code]} |" for code, n in stats["rejected_by_reason"].items()]
+    if "demo" in stats:
+        lines += ["", "### Against the planted truth (demo)", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in stats["demo"].items()]
+    if stats.get("cluster_sizes"):
+        lines += ["", f"Top-level cluster sizes: {stats['cluster_sizes']}"]
+    lines += ["", "### Pictures", ""] + [f"- {name}: `{path}`" for name, path in pictures.items()]
+    return "\n".join(lines) + "\n"

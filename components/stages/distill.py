@@ -1,0 +1,196 @@
+"""The ``distill`` stage: train a small student from a frozen teacher (DINOv2 §5), export its EMA, register it.
+
+The teacher comes from the MLflow registry (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``), a
+pretraining checkpoint, a backbone folder or an official state_dict (components/distill/teacher.py).
+A registry teacher whose training run logged its checkpoint (the pretrain stage does by default) is
+distilled through its heads; otherwise in feature space. The run and the registered student carry
+the teacher's identity as tags (``dinoflow.teacher_uri``, ``_name``, ``_version``, ``_fingerprint``,
+``dinoflow.distill_mode``). Runs under torchrun like pretraining (every rank calls :func:`run_distill`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.distill.config import DistillConfig, load_distill_config
+from components.distill.meta_arch import DistillMetaArch, Mode, distill_recipe, objective_for_teacher
+from components.distill.teacher import FrozenTeacher, load_teacher, resolve_mode
+from components.models.export import save_backbone
+from components.registry.resolve import safe_name
+from components.stages.context import StageContext
+from components.stages.evaluate import resolve_model
+from components.stages.pretrain import register
+from components.tracking import stage_run
+from components.tracking.mlflow_setup import configure
+from components.train import checkpoint as ckpt
+from components.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
+from components.train.engine import PretrainResult, run_pretraining
+from components.train.tracking import MlflowStepTracker
+
+__all__ = ["DistillOutputs", "TeacherRef", "load_distill_config", "run_distill"]
+
+TAG_PREFIX = "dinoflow."
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    uri: str  # as configured
+    location: str  # what was loaded: a local folder or file, or hub:NAME
+    name: str | None = None  # registered model name and version, for a registry teacher
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class DistillOutputs:
+    result: PretrainResult
+    mode: Mode
+    teacher: TeacherRef
+    backbone_dir: Path | None  # the exported student EMA backbone (rank 0, when training finished)
+    run_id: str | None
+    model_version: str | None
+
+
+def run_distill(context: StageContext, cfg: DistillConfig) -> DistillOutputs:
+    env = init_distributed(cfg.run.device)
+    try:
+        if not env.is_main:
+            barrier()  # rank 0 resolves (and downloads) a registry teacher first
+            configure(context.tracking)
+            ref = resolve_teacher(cfg, context)
+            teacher, mode, cfg = prepare(cfg, ref, env)
+            result, _ = run_pretraining(cfg, env, context.root, store=context.store,
+                                        recipe=distill_recipe(teacher, mode, cfg.features))
+            return DistillOutputs(result, mode, ref, None, None, None)
+        import mlflow
+
+        with stage_run(context.tracking, "distill", cfg, tags={**context.tags,
+                       "dinoflow.world_size": str(env.world_size)}) as run:
+            ref = resolve_teacher(cfg, context)  # inside the run: the registry is the project's
+            barrier()
+            teacher, mode, cfg = prepare(cfg, ref, env)
+            lineage = lineage_tags(ref, teacher, mode)
+            mlflow.set_tags(lineage)
+            mlflow.log_params({"distill.resolved_mode": mode, "distill.teacher_arch": teacher.config.arch,
+                               "distill.student_prototypes": cfg.objective.dino.head.n_prototypes})
+            mlflow.enable_system_metrics_logging()
+            tracker = MlflowStepTracker(cfg.objective.optim.iterations, start_step=0)
+            result, model = run_pretraining(cfg, env, context.root, tracker, store=context.store,
+                                            recipe=distill_recipe(teacher, mode, cfg.features))
+            backbone_dir = version = None
+            if result.finished:
+                backbone_dir = export_student(cfg, context.root, model, run.info.run_id, result, lineage)
+                mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
+                if cfg.run.log_checkpoint_to_mlflow and result.checkpoint is not None:
+                    mlflow.log_artifacts(str(result.checkpoint), artifact_path="checkpoint")
+                version = register(cfg.run.registered_model_name, run.info.run_id, backbone_dir)
+                tag_version(cfg.run.registered_model_name, version, lineage)
+            mlflow.log_metrics({"final_step": float(result.end_step), "skipped_images": float(result.skipped_images)})
+            write_metrics(context.root, cfg, result, mode)
+        barrier()
+        return DistillOutputs(result, mode, ref, backbone_dir, run.info.run_id, version)
+    finally:
+        shutdown_distributed()
+
+
+def prepare(cfg: DistillConfig, ref: TeacherRef, env: DistEnv) -> tuple[FrozenTeacher, Mode, DistillConfig]:
+    """Load the frozen teacher on this rank's device, pick the mode, give the student's heads its prototypes."""
+    t = cfg.teacher
+    teacher = load_teacher(ref.location, t.backbone, env.device, t.precision)
+    mode = resolve_mode(t.mode, teacher)
+    return teacher, mode, dataclasses.replace(cfg, objective=objective_for_teacher(cfg.objective, teacher, mode))
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def resolve_teacher(cfg: DistillConfig, context: StageContext) -> TeacherRef:
+    """A local path for the configured teacher: registry versions are downloaded to the state folder."""
+    source = cfg.teacher.source
+    if source.startswith("models:/"):
+        model = resolve_model(source, context.root, context.state)
+        assert model.name is not None and model.version is not None
+        location = str(model.directory)
+        if cfg.teacher.mode != "features" and cfg.teacher.use_registry_checkpoint:
+            checkpoint = registry_checkpoint(model.name, model.version, context.state)
+            location = str(checkpoint) if checkpoint is not None else location
+        return TeacherRef(uri=source, location=location, name=model.name, version=model.version)
+    if source.startswith("hub:") or Path(source).is_absolute():
+        return TeacherRef(uri=source, location=source)
+    return TeacherRef(uri=source, location=str(context.root / source))
+
+
+def registry_checkpoint(name: str, version: str, state: Path) -> Path | None:
+    """The training checkpoint (with heads) logged by the run behind a registry version, if it logged one;
+    downloaded once into ``<state>/cache/models/NAME/VERSION-checkpoint`` (staging folder, then rename)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run_id = client.get_model_version(name, version).run_id
+    if not run_id or not client.list_artifacts(run_id, "checkpoint"):
+        return None
+    target = state / "cache" / "models" / safe_name(name) / f"{version}-checkpoint-{run_id[:12]}"
+    if ckpt.is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint",
+                                                         dst_path=str(staging)))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(local, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target if ckpt.is_complete(target) else None
+
+
+def lineage_tags(ref: TeacherRef, teacher: FrozenTeacher, mode: Mode) -> dict[str, str]:
+    tags = {f"{TAG_PREFIX}teacher_uri": ref.uri, f"{TAG_PREFIX}teacher_kind": teacher.kind,
+            f"{TAG_PREFIX}teacher_arch": teacher.config.arch, f"{TAG_PREFIX}teacher_fingerprint": teacher.fingerprint(),
+            f"{TAG_PREFIX}distill_mode": mode}
+    if ref.name is not None and ref.version is not None:
+        tags.update({f"{TAG_PREFIX}teacher_name": ref.name, f"{TAG_PREFIX}teacher_version": ref.version})
+    return tags
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def export_student(cfg: DistillConfig, root: Path, model: object, run_id: str, result: PretrainResult,
+                   lineage: dict[str, str]) -> Path:
+    """The student's EMA backbone (the paper's final model, not the raw student) as safetensors + config.json."""
+    assert isinstance(model, DistillMetaArch)
+    crops = cfg.crops
+    metadata: dict[str, Any] = {"mlflow_run_id": run_id, "step": result.end_step,
+                                "global_crops_size": crops.global_crops_size, **lineage}
+    return save_backbone(model.backbone("teacher"), cfg.backbone, root / cfg.run.output_dir / "backbone",
+                         mean=crops.normalize_mean, std=crops.normalize_std, metadata=metadata)
+
+
+def write_metrics(root: Path, cfg: DistillConfig, result: PretrainResult, mode: Mode) -> Path:
+    """``<output_dir>/metrics.json`` (a DVC metric), written to a temp file and renamed into place."""
+    path = root / cfg.run.output_dir / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"distill": {"final_step": result.end_step, "skipped_images": result.skipped_images, "mode": mode,
+                           **{k: round(v, 6) for k, v in result.last_losses.items()}}}
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    with os.fdopen(handle, "w") as out:
+        out.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(temp, path)
+    return path

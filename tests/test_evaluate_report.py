@@ -1,0 +1,40 @@
+"""The end-of-run table: flat eval.json keys folded into model and baseline columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.evaluate.report import eval_table, read_eval_table, split_baselines
+
+FLAT = {
+    "knn_top1_k20": 0.43, "linear_top1": 0.59, "retrieval_map": 0.21,
+    "baseline_random_init_knn_top1_k20": 0.41, "baseline_random_init_linear_top1": 0.56,
+    "baseline_pixels_knn_top1_k20": 0.75, "baseline_pixels_linear_top1": 0.8,
+}
+
+
+def test_baselines_are_split_by_their_prefix() -> None:
+    model, baselines = split_baselines(FLAT)
+    assert model == {"knn_top1_k20": 0.43, "linear_top1": 0.59, "retrieval_map": 0.21}
+    assert baselines == {"random_init": {"knn_top1_k20": 0.41, "linear_top1": 0.56},
+                         "pixels": {"knn_top1_k20": 0.75, "linear_top1": 0.8}}
+
+
+def test_table_rows_columns_and_blank_cells() -> None:
+    lines = eval_table(FLAT).splitlines()
+    assert lines[0] == "| metric | model | random_init | pixels |"
+    assert "| knn_top1_k20 | 0.4300 | 0.4100 | 0.7500 |" in lines
+    assert "| retrieval_map | 0.2100 |  |  |" in lines  # a suite without baselines
+    assert len(lines) == 2 + 3
+
+
+def test_selected_metrics_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(FLAT))
+    table = read_eval_table(path, ("linear_top1", "absent"))
+    assert table.splitlines()[2:] == ["| linear_top1 | 0.5900 | 0.5600 | 0.8000 |"]
+    with pytest.raises(FileNotFoundError, match="dvc repro evaluate"):
+        read_eval_table(tmp_path / "none.json")
