@@ -6,15 +6,18 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
 
 from components.stages.context import make_context
 from components.stages.curate import curate_markdown, load_curate_config, run_curate
 from flows.common import prefect_tags
 
 
-@task(log_prints=True)
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), log_prints=True)
 def curate_task(params: str, project_params: str) -> dict[str, object]:
-    """Curate (continuing an interrupted run from its last complete step); returns paths and counts."""
+    """Curate (continuing an interrupted run from its last complete step); returns paths and counts.
+
+    Retried with backoff: pool listing and reads are I/O, and a retry continues from the last complete step."""
     context = make_context(project_params, extra_tags=prefect_tags())
     outputs = run_curate(context, load_curate_config(context.root / params))
     return {"manifest": str(outputs.manifest_path), "rejects": str(outputs.rejects_path),

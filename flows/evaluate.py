@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
 
 from components.stages.context import make_context
 from components.stages.evaluate import EvaluateOutputs, load_evaluate_config, run_evaluate
@@ -12,9 +13,12 @@ from flows.common import prefect_tags
 BASELINES = ("random_init", "pixels")
 
 
-@task(log_prints=True)
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), log_prints=True)
 def evaluate_task(params: str, project_params: str, model: str | None) -> dict[str, object]:
-    """Evaluate the configured (or given) model; returns metrics and ids, not features."""
+    """Evaluate the configured (or given) model; returns metrics and ids, not features.
+
+    Retried with backoff (registry downloads, dataset fetch); extracted features are cached, so a retry
+    recomputes little."""
     context = make_context(project_params, extra_tags=prefect_tags())
     cfg = load_evaluate_config(context.root / params)
     if model:

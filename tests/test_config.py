@@ -109,3 +109,13 @@ def test_project_precedence_environment_then_params_then_default(tmp_path: Path)
     env = {"DINOFLOW_STORE_URI": "s3://other/x", "MLFLOW_TRACKING_URI": "http://127.0.0.1:6000"}
     assert project.store_uri(tmp_path, env) == "s3://other/x"
     assert project.tracking_uri(tmp_path, env) == "http://127.0.0.1:6000"
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "params" / "presets").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_gpu_presets_load_and_validate(preset: Path) -> None:
+    from components.distill.config import load_distill_config
+    from components.train.config import load_pretrain_config
+
+    cfg = load_distill_config(preset) if preset.name.startswith("distill") else load_pretrain_config(preset)
+    assert cfg.objective.precision == "bf16" and cfg.data.manifest == "data/curated/manifest.parquet"

@@ -66,9 +66,12 @@ class RetrievalSection:
     n_clusters: int = 100
     min_seeds_per_cluster: int = 4
     max_per_cluster: int = 10_000
+    kmeans_max_train_rows: int = 0  # cluster mode: k-means trains on a seeded sample of this many rows (0: all, in RAM)
     seed: int = 0
 
     def validate(self) -> None:
+        if self.kmeans_max_train_rows < 0:
+            raise ValueError("retrieval.kmeans_max_train_rows must be >= 0")
         if self.mode not in ("sample", "cluster", "both"):
             raise ValueError(f"retrieval.mode must be sample, cluster or both, got {self.mode!r}")
         if self.n_per_seed < 1 or self.n_clusters < 1 or self.min_seeds_per_cluster < 1 or self.max_per_cluster < 1:
@@ -85,9 +88,12 @@ class BalanceSection:
     n_iter: int = 20
     resampling_steps: int = 10
     resample_per_cluster: int = 10
+    max_train_rows: int = 0  # k-means trains on a seeded sample of this many rows (0: all, in RAM); all are assigned
     seed: int = 0
 
     def validate(self) -> None:
+        if self.max_train_rows < 0:
+            raise ValueError("balance.max_train_rows must be >= 0")
         if any(k < 1 for k in self.levels) or self.target_size < 0 or self.n_iter < 1:
             raise ValueError("balance: levels must be >= 1, target_size >= 0, n_iter >= 1")
         if self.strategy not in ("random", "closest"):

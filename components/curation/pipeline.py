@@ -233,7 +233,8 @@ def select(cfg: CurateConfig, work_dir: Path, shards: EmbeddingShards, clean: pl
             rcfg = RetrievalConfig(mode=section.mode, n_per_seed=section.n_per_seed,
                                    min_similarity=section.min_similarity, n_clusters=section.n_clusters,
                                    min_seeds_per_cluster=section.min_seeds_per_cluster,
-                                   max_per_cluster=section.max_per_cluster, seed=section.seed)
+                                   max_per_cluster=section.max_per_cluster, seed=section.seed,
+                                   kmeans_max_train_rows=section.kmeans_max_train_rows)
             result = retrieve(pool, seed_shards, rcfg)
             pool_ids = pool.ids()
             seed_of = [result.seed_of.get(int(r)) for r in result.rows]
@@ -260,7 +261,8 @@ def select(cfg: CurateConfig, work_dir: Path, shards: EmbeddingShards, clean: pl
             levels = [min(k, source.num_rows) for k in section_b.levels]
             hk = hierarchical_kmeans(source, HierarchicalKMeansConfig(
                 levels=levels, n_iter=section_b.n_iter, resampling_steps=section_b.resampling_steps,
-                resample_per_cluster=section_b.resample_per_cluster, seed=section_b.seed))
+                resample_per_cluster=section_b.resample_per_cluster, seed=section_b.seed,
+                max_train_rows=section_b.max_train_rows))
             top = hk.point_clusters(len(levels) - 1)
             target = section_b.target_size or source.num_rows
             picked = balanced_sample(hk, target, seed=section_b.seed, strategy=section_b.strategy)

@@ -6,6 +6,7 @@ MLflow run, ``dvc.lock`` and ``dinoflow models show`` agree on one data version.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from components.tracking.lineage import file_digest
@@ -23,7 +24,9 @@ def log_manifest_input(path: Path, name: str, context: str = "training") -> str:
 
     digest = file_digest(path)
     frame = pl.read_parquet(path)
-    dataset = from_polars(frame, source=str(path.resolve()), name=name, digest=digest)
+    with warnings.catch_warnings():  # MLflow registers two local-file source classes and warns it picked one
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        dataset = from_polars(frame, source=str(path.resolve()), name=name, digest=digest)
     mlflow.log_input(dataset, context=context)
     mlflow.set_tags({f"dinoflow.data.{name}.digest": digest, f"dinoflow.data.{name}.rows": str(frame.height),
                      f"dinoflow.data.{name}.path": str(path)})
