@@ -19,3 +19,16 @@ def markdown_table(rows: Mapping[str, object], key_header: str = "key", value_he
     lines = [f"| {key_header} | {value_header} |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows.items()]
     return "\n".join(lines)
+
+
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the embedded store
+
+
+def mlflow_run_url(run_id: str) -> str:
+    """A link to a run in the MLflow UI: the tracking server itself, or `make mlflow-ui` for the embedded store."""
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    tracking = mlflow.get_tracking_uri()
+    base = tracking.rstrip("/") if tracking.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.stages.context import make_context
 from components.tracking import pipeline_run
-from flows.common import markdown_table, prefect_tags
+from flows.common import markdown_table, mlflow_run_url, prefect_tags
 from flows.curate import curate_flow
 from flows.data import data_flow
 from flows.distill import distill_flow
@@ -47,6 +47,6 @@ def pipeline_flow(project_params: str = "params/project.yaml") -> dict[str, obje
     create_markdown_artifact(
         key="pipeline", description="Pipeline run",
         markdown="## Pipeline\n\n" + markdown_table({n: "done" for n, _, _ in STAGES}, "stage", "status")
-        + f"\n\nMLflow parent run: `{parent_run_id}`\n",
+        + f"\n\nMLflow parent run (a child run per stage): [{parent_run_id}]({mlflow_run_url(parent_run_id)})\n",
     )
     return results

@@ -177,7 +177,9 @@ def test_dvc_repro_then_prefect_pipeline_register_models_with_lineage(tmp_path: 
     with sqlite3.connect(root / ".dinoflow" / "prefect" / "prefect.db") as db:
         states = dict(db.execute("select f.name, r.state_type from flow_run r join flow f on f.id = r.flow_id "
                                  "where f.name = 'pipeline'").fetchall())
+        artifact = db.execute("select data from artifact where key = 'pipeline'").fetchone()[0]
     assert states == {"pipeline": "COMPLETED"}
+    assert f"/#/experiments/{pretrain_run.info.experiment_id}/runs/{parent}" in artifact
 
 
 def _pipeline(root: Path, env: dict[str, str]) -> str:
