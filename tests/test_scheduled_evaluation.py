@@ -15,9 +15,8 @@ import yaml
 
 from components.evaluate.config import load_evaluate_config
 from components.stages.context import make_context
-from tests.test_evaluate_promotion import (  # noqa: F401  (one_torch_thread: an autouse fixture)
+from tests.test_evaluate_promotion import (
     aliases,
-    one_torch_thread,
     project,
     register_folder,
     save_tiny,
@@ -25,6 +24,7 @@ from tests.test_evaluate_promotion import (  # noqa: F401  (one_torch_thread: an
 )
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def deployments() -> dict[str, dict[str, object]]:
