@@ -122,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _emit(outputs: object) -> int:
+    """A command's result as JSON on stdout (the last thing it prints; scripts parse it)."""
+    print(json.dumps(outputs, indent=2, default=str))
+    return 0
+
+
+def _in_process(args: argparse.Namespace) -> bool:
+    """Run the stage function here: asked for (--engine local), or under torchrun, whose ranks must all
+    call it (one Prefect flow per rank would be wrong)."""
+    import os
+
+    return bool(args.engine == "local" or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.engine == "local":
         from components.stages.context import make_context
@@ -135,8 +155,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         from flows.data import data_flow
 
         outputs = data_flow(params=args.params, project_params=args.project)
-    print(json.dumps(outputs, indent=2))
-    return 0
+    return _emit(outputs)
 
 
 def _cmd_curate(args: argparse.Namespace) -> int:
@@ -152,20 +171,17 @@ def _cmd_curate(args: argparse.Namespace) -> int:
         from flows.curate import curate_flow
 
         outputs = curate_flow(params=args.params, project_params=args.project)
-    print(json.dumps(outputs, indent=2, default=str))
-    return 0
+    return _emit(outputs)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    import os
-
-    if args.engine == "local" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _in_process(args):
         from components.stages.context import make_context
         from components.stages.pretrain import load_pretrain_config, run_pretrain
 
         context = make_context(args.project)
         out = run_pretrain(context, load_pretrain_config(context.root / args.params))
-        if os.environ.get("RANK", "0") != "0":
+        if not _is_main_rank():
             return 0
         outputs: dict[str, object] = {"end_step": out.result.end_step, "total_steps": out.result.total_steps,
                                       "backbone_dir": str(out.backbone_dir) if out.backbone_dir else None,
@@ -174,14 +190,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         from flows.pretrain import pretrain_flow
 
         outputs = pretrain_flow(params=args.params, project_params=args.project)
-    print(json.dumps(outputs, indent=2, default=str))
-    return 0
+    return _emit(outputs)
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    import os
-
-    if args.engine == "local" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _in_process(args):
         from components.stages.context import make_context
         from components.stages.distill import load_distill_config, run_distill
 
@@ -190,7 +203,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         if args.teacher:
             cfg.teacher.source = args.teacher
         out = run_distill(context, cfg)
-        if os.environ.get("RANK", "0") != "0":
+        if not _is_main_rank():
             return 0
         outputs: dict[str, object] = {"end_step": out.result.end_step, "total_steps": out.result.total_steps,
                                       "mode": out.mode, "teacher_uri": out.teacher.uri,
@@ -201,8 +214,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         from flows.distill import distill_flow
 
         outputs = distill_flow(params=args.params, project_params=args.project, teacher=args.teacher)
-    print(json.dumps(outputs, indent=2, default=str))
-    return 0
+    return _emit(outputs)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -222,8 +234,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from flows.evaluate import evaluate_flow
 
         outputs = evaluate_flow(params=args.params, project_params=args.project, model=args.model)
-    print(json.dumps(outputs, indent=2, default=str))
-    return 0
+    return _emit(outputs)
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -244,15 +255,13 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
         outputs = scheduled_evaluation(model_name=args.model_name or cfg.schedule.model_name,
                                        params=args.params, project_params=args.project)
-    print(json.dumps(outputs, indent=2, default=str))
-    return 0
+    return _emit(outputs)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline_flow
 
-    print(json.dumps(pipeline_flow(project_params=args.project), indent=2, default=str))
-    return 0
+    return _emit(pipeline_flow(project_params=args.project))
 
 
 REPORT_METRICS = ("knn_top1_k20", "knn_top5_k20", "linear_top1", "logreg_top1", "retrieval_map",

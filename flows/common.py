@@ -32,3 +32,12 @@ def mlflow_run_url(run_id: str) -> str:
     tracking = mlflow.get_tracking_uri()
     base = tracking.rstrip("/") if tracking.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
     return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def training_run_markdown(title: str, outputs: Mapping[str, object]) -> str:
+    """The artifact of a training stage (pretrain, distill): its outputs, then the last losses."""
+    losses = outputs["losses"]
+    assert isinstance(losses, dict)
+    summary = {k: v for k, v in outputs.items() if k != "losses"}
+    return (f"## {title}\n\n" + markdown_table(summary) + "\n\n### Last losses\n\n"
+            + markdown_table({k: f"{v:.4f}" for k, v in losses.items()}, "term", "value") + "\n")

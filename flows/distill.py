@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.stages.context import make_context
 from components.stages.distill import load_distill_config, run_distill
-from flows.common import markdown_table, prefect_tags
+from flows.common import prefect_tags, training_run_markdown
 
 
 @task(log_prints=True)
@@ -35,12 +35,6 @@ def distill_flow(params: str = "params/distill.yaml", project_params: str = "par
     outputs = distill_task(params, project_params, teacher)
     logger.info("distill (%s from %s): steps %s..%s of %s", outputs["mode"], outputs["teacher_uri"],
                 outputs["start_step"], outputs["end_step"], outputs["total_steps"])
-    summary = {k: v for k, v in outputs.items() if k != "losses"}
-    losses = outputs["losses"]
-    assert isinstance(losses, dict)
-    create_markdown_artifact(
-        key="distill", description="Distillation run",
-        markdown="## Distillation\n\n" + markdown_table(summary) + "\n\n### Last losses\n\n"
-        + markdown_table({k: f"{v:.4f}" for k, v in losses.items()}, "term", "value") + "\n",
-    )
+    create_markdown_artifact(key="distill", description="Distillation run",
+                             markdown=training_run_markdown("Distillation", outputs))
     return outputs

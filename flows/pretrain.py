@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.stages.context import make_context
 from components.stages.pretrain import load_pretrain_config, run_pretrain
-from flows.common import markdown_table, prefect_tags
+from flows.common import prefect_tags, training_run_markdown
 
 
 @task(log_prints=True)
@@ -30,12 +30,6 @@ def pretrain_flow(params: str = "params/pretrain.yaml", project_params: str = "p
     logger = get_run_logger()
     outputs = pretrain_task(params, project_params)
     logger.info("pretrain: steps %s..%s of %s", outputs["start_step"], outputs["end_step"], outputs["total_steps"])
-    summary = {k: v for k, v in outputs.items() if k != "losses"}
-    losses = outputs["losses"]
-    assert isinstance(losses, dict)
-    create_markdown_artifact(
-        key="pretrain", description="Pretraining run",
-        markdown="## Pretraining\n\n" + markdown_table(summary) + "\n\n### Last losses\n\n"
-        + markdown_table({k: f"{v:.4f}" for k, v in losses.items()}, "term", "value") + "\n",
-    )
+    create_markdown_artifact(key="pretrain", description="Pretraining run",
+                             markdown=training_run_markdown("Pretraining", outputs))
     return outputs

@@ -398,14 +398,11 @@ def test_work_pool_template_is_valid_for_prefect_and_renders_a_job(name: str) ->
         assert "nvidia.com/gpu" not in json.dumps(template)
 
 
-# ----------------------------------------------------------------------------- prefect.yaml (another module's file)
+# ----------------------------------------------------------------------------- prefect.yaml
 
 
 def test_prefect_deployments_point_at_existing_flows() -> None:
-    path = REPO / "prefect.yaml"
-    if not path.is_file():
-        pytest.skip("prefect.yaml not present yet")
-    project = yaml.safe_load(path.read_text())
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = project.get("deployments") or []
     assert deployments, "prefect.yaml defines no deployments"
     for deployment in deployments:
@@ -416,10 +413,7 @@ def test_prefect_deployments_point_at_existing_flows() -> None:
 
 
 def test_prefect_deployments_use_the_pools_our_workers_poll_and_the_images_checkout() -> None:
-    path = REPO / "prefect.yaml"
-    if not path.is_file():
-        pytest.skip("prefect.yaml not present yet")
-    project = yaml.safe_load(path.read_text())
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     polled = set()
     for _, doc in k8s_documents():
         if doc["kind"] == "Deployment":
@@ -428,7 +422,7 @@ def test_prefect_deployments_use_the_pools_our_workers_poll_and_the_images_check
     wanted = {deployment["work_pool"]["name"] for deployment in project["deployments"]}
     assert wanted <= polled, f"deployments target pools no worker polls: {wanted - polled}"
     # The pull step changes into $DINOFLOW_CHECKOUT: our flow-run images must define it as their checkout.
-    if "DINOFLOW_CHECKOUT" in path.read_text():
+    if "DINOFLOW_CHECKOUT" in (REPO / "prefect.yaml").read_text():
         for role in ("train", "flow"):
             text = (REPO / IMAGES["dinoflow"][role]["dockerfile"]).read_text()
             workdir = re.search(r"^WORKDIR (\S+)$", text, re.MULTILINE)

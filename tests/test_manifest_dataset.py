@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from components.data.demo_pool import write_parquet_atomic
 from components.data.manifest_dataset import (
     SEED_STRIDE,
     CollatedWithSkips,
@@ -27,6 +26,7 @@ from components.data.manifest_dataset import (
 from components.data.multicrop import DataAugmentationDINO, fashion_mnist_config
 from components.data.sampler import InfiniteShardedSampler, epoch_permutation
 from components.storage import LocalObjectStore
+from components.storage.atomic import write_parquet_atomic
 
 # ---------------------------------------------------------------- sampler
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,13 +25,12 @@ from PIL import Image
 
 from components.curation import reasons
 from components.curation.descriptor import PixelDescriptor, is_pixel_backbone, parse_pixel_backbone
-from components.curation.ingest import write_text_atomic
 from components.curation.schema import REJECTED_SCHEMA
-from components.data.demo_pool import write_parquet_atomic
 from components.models import BackboneConfig, DinoVisionTransformer, build_backbone
 from components.models.export import IMAGENET_MEAN, IMAGENET_STD, load_backbone
 from components.models.pretrained import load_pretrained_backbone
 from components.storage import read_uri
+from components.storage.atomic import save_npy_atomic, write_parquet_atomic, write_text_atomic
 
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.parquet"
@@ -116,17 +113,6 @@ class EmbeddingShards:
             raise ValueError(f"{folder}: unknown format {payload.get('format')!r}, expected {FORMAT!r}")
         shards = tuple(ShardInfo(name=s["name"], rows=int(s["rows"])) for s in payload["shards"])
         return cls(directory=folder, dim=int(payload["dim"]), shards=shards, metadata=payload.get("metadata", {}))
-
-
-def save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:  # a file object: np.save would append ".npy" to a name
-            np.save(handle, array)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 class ShardWriter:

@@ -8,8 +8,6 @@ must reconcile or the run fails rather than silently losing files.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,8 +21,8 @@ from components.curation.listing import list_pool
 from components.curation.report import ingest_stats
 from components.curation.schema import KEPT_SCHEMA, REJECTED_SCHEMA, image_id
 from components.curation.validate import Checked, ValidationRules, check_object, make_rules, pil_pixel_limit
-from components.data.demo_pool import write_parquet_atomic
 from components.storage import ObjectStore, file_uri_to_path, open_store
+from components.storage.atomic import write_parquet_atomic, write_text_atomic
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 PIL_DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default: 1024 * 1024 * 1024 // 4 // 3
@@ -136,18 +134,6 @@ def ingest_pool(cfg: IngestConfig, store_opener: Callable[[str], ObjectStore] = 
         raise ReconciliationError("two different files share an id prefix; widen ID_HEX_DIGITS")
     stats = ingest_stats(store.uri, n_listed, valid.height, kept, rejected)
     return IngestResult(kept=kept, rejected=rejected, stats=stats)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 def write_ingest_outputs(result: IngestResult, out_dir: str | Path) -> dict[str, Path]:

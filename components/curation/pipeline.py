@@ -34,12 +34,11 @@ from components.curation.ingest import (
     ingest_pool,
     reconcile,
     write_ingest_outputs,
-    write_text_atomic,
 )
 from components.curation.knn_graph import KnnConfig
 from components.curation.schema import REJECTED_SCHEMA
-from components.data.demo_pool import write_parquet_atomic
 from components.storage import ObjectStore, open_store, read_uri
+from components.storage.atomic import write_parquet_atomic, write_text_atomic
 
 DONE_FILE = "done.json"
 # Reasons of the selection steps. Not (yet) in reasons.ALL_REASONS, which this module may not change:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from PIL import Image
 from components.data import fashion_mnist
 from components.data.photos import BUNDLED_PHOTOS, load_photo
 from components.storage import ObjectStore, join_key
+from components.storage.atomic import write_parquet_atomic
 
 MANIFEST_SCHEMA = {
     "id": pl.Utf8,
@@ -152,19 +151,6 @@ def publish(image: PoolImage, store: ObjectStore) -> dict[str, Any]:
         "bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
     }
-
-
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
-    """Write parquet to a temp file beside ``path`` then rename: never a half-written manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        frame.write_parquet(temp_name)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 def build_demo_pool(cfg: DemoDataConfig, store: ObjectStore, state: Path, root: Path) -> DemoDataResult:

@@ -7,7 +7,7 @@ Sources (local; a registry URI is resolved to a folder by the stage first):
   the EMA teacher's backbone *and heads* kept, so the student can be distilled through the heads;
 - a dinoflow backbone folder (``config.json`` + ``model.safetensors``): backbone only;
 - an official DINOv2 state_dict (``.pth``/``.safetensors`` file or ``hub:NAME``): backbone only, its
-  architecture from ``teacher.backbone`` in the params.
+  architecture from ``teacher.backbone`` in the params (for ``hub:NAME``, the released model's own settings).
 
 The teacher is frozen (``requires_grad`` False), in eval mode, runs under ``no_grad`` and, on CUDA, under
 bf16 autocast. It is deliberately not a sub-module of the training model: its weights stay out of
@@ -138,6 +138,10 @@ def load_teacher(source: str | Path, backbone: BackboneConfig, device: torch.dev
             bundle = load_backbone(path)
             return FrozenTeacher(bundle.model, bundle.config, "backbone", precision=precision).to(device)
         raise FileNotFoundError(f"{path}: neither a pretraining checkpoint nor a backbone folder")
+    if text.startswith("hub:"):  # a released model's architecture is known: params cannot contradict it
+        from components.models.hub import released_config
+
+        backbone = released_config(text.removeprefix("hub:"))
     model = build_backbone(dataclasses.replace(backbone, drop_path_rate=0.0))
     load_pretrained_backbone(model, text)
     return FrozenTeacher(model, backbone, "state_dict", precision=precision).to(device)

@@ -19,8 +19,6 @@ background 0), and depth tiles of scikit-image's ``stereo_motorcycle`` (depth = 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from PIL import Image
 
 from components.data.fashion_mnist import CLASS_NAMES
 from components.data.photos import load_photo
-from components.storage.atomic import save_png_atomic
+from components.storage.atomic import save_png_atomic, write_text_atomic
 
 FORMAT = "dinoflow-dense/1"
 DATASET_FILE = "dataset.json"
@@ -60,17 +58,6 @@ class DenseSplit:
 
 
 # ---------------------------------------------------------------- atomic PNG / JSON writes
-
-
-def _write_json_atomic(payload: dict[str, object], path: Path) -> None:
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
 
 
 # ---------------------------------------------------------------- depth PNG codec
@@ -184,7 +171,8 @@ def write_segmentation_dataset(root: Path, splits: dict[str, DenseSplit], classe
             save_png_atomic(Image.fromarray(mask.astype(np.uint8)), root / split / "masks" / f"{name}.png")
     info = {"format": FORMAT, "task": "segmentation", "splits": sorted(splits), "classes": list(classes),
             "ignore_index": IGNORE_INDEX}
-    _write_json_atomic(info, root / DATASET_FILE)  # last: its presence vouches for the files
+    # last: its presence vouches for the files
+    write_text_atomic(json.dumps(info, indent=2, sort_keys=True) + "\n", root / DATASET_FILE)
     return root
 
 
@@ -195,7 +183,7 @@ def write_depth_dataset(root: Path, splits: dict[str, DenseSplit], depth_scale: 
             save_png_atomic(Image.fromarray(image), root / split / "images" / f"{name}.png")
             write_depth_png(encode_depth(depth, depth_scale), root / split / "depth" / f"{name}.png")
     info = {"format": FORMAT, "task": "depth", "splits": sorted(splits), "depth_scale": depth_scale}
-    _write_json_atomic(info, root / DATASET_FILE)
+    write_text_atomic(json.dumps(info, indent=2, sort_keys=True) + "\n", root / DATASET_FILE)
     return root
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from components.models.vit import DinoVisionTransformer
+from components.storage.atomic import write_atomic
 
 CACHE_FORMAT = "dinoflow-features/1"
 
@@ -175,17 +174,6 @@ def cache_key(key_parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-
-
 def cached_features(cache_dir: Path, key_parts: Mapping[str, Any], compute: Callable[[], np.ndarray]) -> np.ndarray:
     """``compute()`` once per ``key_parts`` (model identity, dataset version, options): later calls load it.
 
@@ -203,9 +191,9 @@ def cached_features(cache_dir: Path, key_parts: Mapping[str, Any], compute: Call
             return array
     array = np.asarray(compute())
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(array_path, lambda handle: np.save(handle, array, allow_pickle=False))
+    write_atomic(array_path, lambda handle: np.save(handle, array, allow_pickle=False))
     meta = {"format": CACHE_FORMAT, "key_parts": parts, "shape": list(array.shape), "dtype": str(array.dtype)}
-    _write_atomic(meta_path, lambda handle: handle.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
+    write_atomic(meta_path, lambda handle: handle.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
     return array
 
 

@@ -16,8 +16,6 @@ resolution always, elsewhere for ``interpolate_offset=0, interpolate_antialias=T
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from components.models.builders import BackboneConfig, architecture_spec
 from components.models.convert import to_timm
 from components.models.hf_export import read_backbone_files
+from components.storage.atomic import replace_atomically
 
 MLP_FAMILIES = {"vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large"}
 
@@ -89,9 +88,9 @@ def export_timm(backbone_dir: Path, out_path: Path, verify: bool = True) -> Timm
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "timm_model": name, "timm_kwargs": json.dumps(kwargs, sort_keys=True)}
-    atomic_write(out_path, lambda tmp: save_file(timm_state, str(tmp), metadata=metadata))
+    replace_atomically(out_path, lambda tmp: save_file(timm_state, str(tmp), metadata=metadata))
     recipe = json.dumps({"model_name": name, "kwargs": kwargs}, indent=2, sort_keys=True) + "\n"
-    atomic_write(recipe_path(out_path), lambda tmp: tmp.write_text(recipe))
+    replace_atomically(recipe_path(out_path), lambda tmp: tmp.write_text(recipe))
     diff = verify_timm_export(out_path, backbone_dir, config) if verify else None
     return TimmExport(out_path, name, kwargs, diff)
 
@@ -133,15 +132,3 @@ def verify_timm_export(weights_path: Path, backbone_dir: Path, config: BackboneC
     if diff > tolerance:
         raise RuntimeError(f"timm export differs from the backbone by {diff:.3g} (> {tolerance})")
     return diff
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -19,12 +19,11 @@ import polars as pl
 
 from components.curation.config import CurateConfig, load_curate_config
 from components.curation.demo_pool import build_curation_demo, score_against_truth
-from components.curation.ingest import write_text_atomic
 from components.curation.pictures import cluster_grid, duplicate_grid
 from components.curation.pipeline import CURATE_REASONS, CurationResult, run_curation
-from components.data.demo_pool import write_parquet_atomic
 from components.stages.context import StageContext
 from components.storage import ObjectStore, open_store
+from components.storage.atomic import write_parquet_atomic, write_text_atomic
 from components.tracking import stage_run
 from components.tracking.datasets import log_manifest_input
 

@@ -27,6 +27,7 @@ from components.registry.resolve import safe_name
 from components.stages.context import StageContext
 from components.stages.evaluate import resolve_model
 from components.stages.pretrain import register
+from components.storage.atomic import write_text_atomic
 from components.tracking import stage_run
 from components.tracking.mlflow_setup import configure
 from components.train import checkpoint as ckpt
@@ -189,8 +190,5 @@ def write_metrics(root: Path, cfg: DistillConfig, result: PretrainResult, mode: 
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"distill": {"final_step": result.end_step, "skipped_images": result.skipped_images, "mode": mode,
                            **{k: round(v, 6) for k, v in result.last_losses.items()}}}
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(handle, "w") as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    write_text_atomic(json.dumps(payload, indent=2, sort_keys=True) + "\n", path)
     return path

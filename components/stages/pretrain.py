@@ -14,6 +14,7 @@ from pathlib import Path
 
 from components.models.export import save_backbone
 from components.stages.context import StageContext
+from components.storage.atomic import write_text_atomic
 from components.tracking import log_manifest_input, stage_run
 from components.train.checkpoint import latest_checkpoint
 from components.train.config import PretrainConfig, load_pretrain_config
@@ -107,8 +108,6 @@ def register(name: str, run_id: str, backbone_dir: Path | None = None) -> str:
 
 
 def write_metrics(root: Path, cfg: PretrainConfig, result: PretrainResult) -> None:
-    path = root / cfg.run.output_dir / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"pretrain": {"final_step": result.end_step, "skipped_images": result.skipped_images,
                             **{k: round(v, 6) for k, v in result.last_losses.items()}}}
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(json.dumps(payload, indent=2, sort_keys=True) + "\n", root / cfg.run.output_dir / "metrics.json")
