@@ -28,7 +28,12 @@ from components.models.timm_export import export_timm, recipe_path
 from components.models.vit import DinoVisionTransformer
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-CASES = {"plain": (0, "mlp"), "registers-swiglu": (2, "swiglufused")}
+# (registers, FFN, custom sizes): the custom case sets width/depth/heads/FFN ratio in the config, no named arch.
+CASES: dict[str, tuple[int, str, dict[str, float]]] = {
+    "plain": (0, "mlp", {}),
+    "registers-swiglu": (2, "swiglufused", {}),
+    "custom-sizes": (0, "mlp", {"embed_dim": 48, "depth": 3, "num_heads": 3, "mlp_ratio": 2.0}),
+}
 
 
 def randomize(model: nn.Module, seed: int) -> DinoVisionTransformer:
@@ -43,9 +48,9 @@ def randomize(model: nn.Module, seed: int) -> DinoVisionTransformer:
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def backbone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BackboneConfig]:
-    registers, ffn = CASES[request.param]
+    registers, ffn, sizes = CASES[request.param]
     config = BackboneConfig(arch="vit_pico", patch_size=4, img_size=28, num_register_tokens=registers,
-                            ffn_layer=ffn)  # type: ignore[arg-type]
+                            ffn_layer=ffn, **sizes)  # type: ignore[arg-type]
     model = randomize(build_backbone(config), seed=registers)
     folder = save_backbone(model, config, tmp_path_factory.mktemp("bb") / "backbone", mean=MEAN, std=STD)
     return folder, config
@@ -136,7 +141,7 @@ def test_onnx_matches_torch_with_dynamic_batch(backbone: tuple[Path, BackboneCon
         if config.num_register_tokens:
             np.testing.assert_allclose(outputs["register_tokens"], ours["x_norm_regtokens"].numpy(), atol=1e-4,
                                        rtol=0)
-        assert outputs["cls"].shape == (batch, 64)
+        assert outputs["cls"].shape == (batch, config.resolved_spec().embed_dim)
 
 
 def test_load_finds_a_backbone_inside_a_folder(backbone: tuple[Path, BackboneConfig], tmp_path: Path) -> None:

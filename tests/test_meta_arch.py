@@ -111,3 +111,33 @@ def test_bf16_autocast_runs_on_cpu() -> None:
     model.objective.precision = "bf16"
     losses = model.forward_backward(make_batch(), 0.04)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_bf16_on_cpu_gives_the_fp32_losses_and_gradients_to_bf16_accuracy() -> None:
+    """The CPU bf16 path (autocast on the forward passes) against fp32 on the same weights and batch."""
+    batch = make_batch()
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = make_model()
+        model.objective.precision = precision  # type: ignore[assignment]
+        losses = model.forward_backward(batch, 0.04)
+        grads = torch.cat([p.grad.flatten() for p in model.student.parameters() if p.grad is not None])
+        results[precision] = (losses, grads)
+    (fp32_losses, fp32_grads), (bf16_losses, bf16_grads) = results["fp32"], results["bf16"]
+    for name in fp32_losses:
+        torch.testing.assert_close(bf16_losses[name], fp32_losses[name], rtol=2e-2, atol=2e-2, msg=name)
+    cosine = torch.nn.functional.cosine_similarity(bf16_grads, fp32_grads, dim=0)
+    assert float(cosine) > 0.99  # bf16 has an 8-bit mantissa: same direction, not the same bits
+
+
+def test_auto_precision_picks_bf16_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    from components.ssl import meta_arch
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert meta_arch.resolve_precision("fp32", cuda) == "fp32"
+    assert meta_arch.resolve_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(meta_arch, "cpu_has_fast_bf16", lambda: True)
+    assert meta_arch.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(meta_arch, "cpu_has_fast_bf16", lambda: False)
+    assert meta_arch.resolve_precision("auto", cpu) == "fp32"
+    assert isinstance(meta_arch.cpu_has_fast_bf16.__call__(), bool)

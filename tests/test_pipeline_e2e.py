@@ -33,7 +33,7 @@ demo:
 """
 
 TRAIN_COMMON = f"""\
-  data: {{manifest: data/demo/pool.parquet, splits: [train], batch_size_per_rank: 4, num_workers: 0, seed: 0}}
+  data: {{manifest: data/curated/manifest.parquet, splits: [train], batch_size_per_rank: 4, num_workers: 0, seed: 0}}
   crops: {{global_crops_size: 28, local_crops_size: 12, local_crops_number: 2}}
   objective:
     precision: fp32
@@ -154,8 +154,8 @@ def test_dvc_repro_then_prefect_pipeline_register_models_with_lineage(tmp_path: 
     tags = pretrain_run.data.tags
     git_sha = run(["git", "rev-parse", "HEAD"], root, env).strip()
     assert tags["git_sha"] == git_sha and tags["dvc.stage"] == "pretrain"
-    manifest_md5 = next(d["md5"] for d in lock["pretrain"]["deps"] if d["path"] == "data/demo/pool.parquet")
-    assert tags["dvc.dep.data/demo/pool.parquet"] == manifest_md5  # the same data version as dvc.lock
+    manifest_md5 = next(d["md5"] for d in lock["pretrain"]["deps"] if d["path"] == "data/curated/manifest.parquet")
+    assert tags["dvc.dep.data/curated/manifest.parquet"] == manifest_md5  # the same data version as dvc.lock
     assert [i.dataset.digest for i in pretrain_run.inputs.dataset_inputs] == [manifest_md5]
 
     # `dinoflow models show` prints the lineage back to the manifest digest and the git SHA.

@@ -481,3 +481,21 @@ def test_build_backbone_follows_config() -> None:
         large = build_backbone(dataclasses.replace(cfg, arch="vit_large", ffn_layer=None))
     assert isinstance(giant.blocks[0].mlp, SwiGLUFFNFused)  # the architecture's default FFN
     assert not isinstance(large.blocks[0].mlp, SwiGLUFFNFused)
+
+
+def test_custom_sizes_in_the_config_replace_the_named_architecture() -> None:
+    from components.config import from_mapping
+    from components.models import BackboneConfig, build_backbone
+    from components.models.builders import backbone_config_from_dict, backbone_config_to_dict
+
+    config = from_mapping(BackboneConfig, {"arch": "vit_pico", "patch_size": 4, "img_size": 28, "embed_dim": 96,
+                                           "depth": 3, "num_heads": 6, "mlp_ratio": 2.0})
+    model = build_backbone(config)
+    assert model.embed_dim == 96 and len(model.blocks) == 3 and model.num_heads == 6
+    assert model.blocks[0].mlp.fc1.out_features == 192  # mlp_ratio 2
+    assert config.is_custom() and not BackboneConfig(arch="vit_pico").is_custom()
+    assert backbone_config_from_dict(backbone_config_to_dict(config)) == config  # round trip (export config.json)
+    named = build_backbone(BackboneConfig(arch="vit_pico", patch_size=4, img_size=28))
+    assert named.embed_dim == 64 and len(named.blocks) == 4  # unset sizes keep the named architecture's
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        BackboneConfig(arch="vit_pico", embed_dim=100, num_heads=3).validate()

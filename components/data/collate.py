@@ -132,6 +132,24 @@ def collate_data_and_cast(
     samples = [crops_of(sample) for sample in samples_list]
     global_crops = stack_crop_major(samples, "global_crops")  # (2B, 3, G, G)
     local_crops = stack_crop_major(samples, "local_crops")  # (n_local * B, 3, L, L)
+    return mask_and_cast(global_crops, local_crops, mask_ratio_tuple, mask_probability, dtype,
+                         n_tokens=n_tokens, mask_generator=mask_generator, rng=rng)
+
+
+def mask_and_cast(
+    global_crops: torch.Tensor,
+    local_crops: torch.Tensor,
+    mask_ratio_tuple: tuple[float, float] = (0.1, 0.5),
+    mask_probability: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    *,
+    n_tokens: int,
+    mask_generator: MaskSampler,
+    rng: MaskRng,
+) -> CollatedBatch:
+    """The training batch from crops already stacked crop-major (``global_crops`` (2B, 3, G, G), ``local_crops``
+    (n_local * B, 3, L, L)): iBOT masks for the global crops, then the official batch dict. Shared by the
+    per-sample collate above and the batched augmentation path (components/data/batched_multicrop.py)."""
     n_crops = len(global_crops)
 
     masks, upperbound = draw_masks(n_crops, n_tokens, mask_ratio_tuple, mask_probability, mask_generator, rng)

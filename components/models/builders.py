@@ -114,9 +114,19 @@ class BackboneConfig:
     proj_bias: bool = True
     ffn_bias: bool = True
     attn_backend: AttnBackend = "auto"
+    # Custom sizes: each set value replaces the named architecture's (``arch`` then only names the starting
+    # point), so a user can train e.g. a 128-wide, 6-deep ViT without adding a named architecture in code.
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
 
     def validate(self) -> None:
-        architecture_spec(self.arch)
+        spec = self.resolved_spec()
+        if min(spec.embed_dim, spec.depth, spec.num_heads) < 1 or spec.mlp_ratio <= 0:
+            raise ValueError(f"embed_dim, depth, num_heads must be >= 1 and mlp_ratio > 0, got {spec}")
+        if spec.embed_dim % spec.num_heads:
+            raise ValueError(f"embed_dim {spec.embed_dim} must be a multiple of num_heads {spec.num_heads}")
         if self.ffn_layer is not None and self.ffn_layer not in get_args(FfnLayer):
             raise ValueError(f"ffn_layer {self.ffn_layer!r} is not one of {get_args(FfnLayer)}")
         if self.attn_backend not in get_args(AttnBackend):
@@ -133,19 +143,34 @@ class BackboneConfig:
     def resolved_ffn_layer(self) -> FfnLayer:
         return self.ffn_layer if self.ffn_layer is not None else architecture_spec(self.arch).ffn_layer
 
+    def resolved_spec(self) -> ArchSpec:
+        """The named architecture with this config's custom sizes applied."""
+        spec = architecture_spec(self.arch)
+        overrides = {name: getattr(self, name) for name in ("embed_dim", "depth", "num_heads", "mlp_ratio")
+                     if getattr(self, name) is not None}
+        return dataclasses.replace(spec, **overrides, ffn_layer=self.resolved_ffn_layer())
+
+    def is_custom(self) -> bool:
+        return self.resolved_spec() != dataclasses.replace(architecture_spec(self.arch),
+                                                           ffn_layer=self.resolved_ffn_layer())
+
 
 def build_backbone(cfg: BackboneConfig) -> DinoVisionTransformer:
     """The backbone ``cfg`` describes (for an EMA teacher, pass ``dataclasses.replace(cfg, drop_path_rate=0)``;
     the official teacher is built without stochastic depth)."""
     cfg.validate()
-    return build_vit(
-        cfg.arch,
+    spec = cfg.resolved_spec()
+    return DinoVisionTransformer(
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
         patch_size=cfg.patch_size,
         img_size=cfg.img_size,
         drop_path_rate=cfg.drop_path_rate,
         drop_path_uniform=cfg.drop_path_uniform,
         init_values=cfg.layerscale_init,
-        ffn_layer=cfg.resolved_ffn_layer(),
+        ffn_layer=spec.ffn_layer,
         num_register_tokens=cfg.num_register_tokens,
         interpolate_antialias=cfg.interpolate_antialias,
         interpolate_offset=cfg.interpolate_offset,

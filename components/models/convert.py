@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from components.models.builders import BackboneConfig, architecture_spec
+from components.models.builders import BackboneConfig
 
 HfLayout = Literal["current", "legacy"]
 StateDict = dict[str, Tensor]
@@ -134,7 +134,7 @@ def _fill_hf_required(out: StateDict, block: int, layout: HfLayout, dim: int, sw
 
 def hf_config_dict(state_dict: Mapping[str, Tensor], config: BackboneConfig) -> dict[str, Any]:
     """``config.json`` content for ``Dinov2Config`` / ``Dinov2WithRegistersConfig``."""
-    spec = architecture_spec(config.arch)
+    spec = config.resolved_spec()
     registers = config.num_register_tokens > 0
     values: dict[str, Any] = {
         "model_type": "dinov2_with_registers" if registers else "dinov2",
@@ -165,7 +165,7 @@ def to_hf_dinov2(
     state_dict: Mapping[str, Tensor], config: BackboneConfig, layout: HfLayout = "current"
 ) -> tuple[StateDict, dict[str, Any]]:
     """Our (official-layout) backbone weights -> HF ``Dinov2[WithRegisters]Model`` weights and config dict."""
-    spec = architecture_spec(config.arch)
+    spec = config.resolved_spec()
     ffn = config.resolved_ffn_layer()
     if ffn == "identity":
         raise ValueError("Hugging Face Dinov2 has no FFN-less blocks; ffn_layer='identity' cannot be exported")

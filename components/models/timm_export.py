@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.models.builders import BackboneConfig, architecture_spec
+from components.models.builders import BackboneConfig
 from components.models.convert import to_timm
 from components.models.hf_export import read_backbone_files
 from components.storage.atomic import replace_atomically
@@ -49,7 +49,7 @@ def timm_model_name(config: BackboneConfig) -> str:
 
 def timm_model_kwargs(state: dict[str, torch.Tensor], config: BackboneConfig) -> dict[str, Any]:
     """Every size of the backbone as ``timm.create_model`` keyword arguments (JSON-serialisable)."""
-    spec = architecture_spec(config.arch)
+    spec = config.resolved_spec()
     swiglu = config.resolved_ffn_layer() != "mlp"
     fc1 = state["blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"]  # (hidden, D)
     hidden = int(fc1.shape[0])

@@ -94,5 +94,7 @@ class ObjectiveConfig:
     ibot: IbotObjectiveConfig = field(default_factory=IbotObjectiveConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast dtype of the forward passes
+    # Autocast dtype of the forward passes; "auto": bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX),
+    # fp32 elsewhere (components/ssl/meta_arch.resolve_precision).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "bf16"
     packed_forward: bool = True  # all crops through the backbone as one variable-length batch

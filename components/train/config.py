@@ -23,10 +23,16 @@ class DataConfig:
     batch_size_per_rank: int = 64
     num_workers: int = 2
     seed: int = 0
+    # "per_sample": the official path (torchvision on each image in the loader workers). "batched": the
+    # loader only decodes; each batch is cropped at once on tensors (components/data/batched_multicrop.py,
+    # same distributions, several times cheaper on small images; docs/augmentation.md).
+    augmentation: Literal["per_sample", "batched"] = "per_sample"
 
     def validate(self) -> None:
         if self.batch_size_per_rank < 1 or self.num_workers < 0:
             raise ValueError("batch_size_per_rank must be >= 1 and num_workers >= 0")
+        if self.augmentation not in ("per_sample", "batched"):
+            raise ValueError(f"augmentation must be 'per_sample' or 'batched', got {self.augmentation!r}")
 
 
 @dataclass

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from components.config import to_mapping
-from components.data.collate import collate_data_and_cast
+from components.data.batched_multicrop import BatchAugmenter, BatchedCrops, raw_sample
+from components.data.collate import collate_data_and_cast, mask_and_cast
 from components.data.manifest_dataset import (
     CollatedWithSkips,
     ManifestImageDataset,
@@ -108,6 +109,18 @@ def transform_for(crops: MultiCropConfig) -> Callable[[Any, int], Any]:
     return augment.__call__
 
 
+def loader_functions(cfg: PretrainConfig, crops: MultiCropConfig
+                     ) -> tuple[Callable[[Any, int], Any], Callable[[list[Any]], Any]]:
+    """(per-item transform, collate) of the configured augmentation path.
+
+    ``per_sample``: the official path, every image augmented alone, crops stacked in the main process.
+    ``batched``: items are only decoded; the collate (in the loader worker) crops the whole batch at once.
+    """
+    if cfg.data.augmentation == "batched":
+        return raw_sample, BatchAugmenter(crops)
+    return transform_for(crops), list
+
+
 class DataStream:
     """Per-rank lists of augmented samples for each step, restartable at any step and crop phase."""
 
@@ -150,22 +163,29 @@ class DataStream:
 
     def _loader(self, crops: MultiCropConfig, start: int) -> torch.utils.data.DataLoader[Any]:
         d = self.cfg.data
-        dataset = ManifestImageDataset(self.frame, transform_for(crops), seed=d.seed)
+        transform, collate = loader_functions(self.cfg, crops)
+        dataset = ManifestImageDataset(self.frame, transform, seed=d.seed)
         sampler = InfiniteShardedSampler(len(dataset), rank=self.env.rank, world_size=self.env.world_size,
                                          seed=d.seed, start=start, tag_epoch=True)
-        return build_pretrain_loader(dataset, sampler, d.batch_size_per_rank, skip_corrupt(list),
+        return build_pretrain_loader(dataset, sampler, d.batch_size_per_rank, skip_corrupt(collate),
                                      num_workers=d.num_workers, seed=d.seed, rank=self.env.rank)
 
 
-def collate_step(cfg: PretrainConfig, samples: list[Any], step: int, device: torch.device) -> dict[str, Tensor]:
-    """Stack the crops and draw this step's iBOT masks (seeded by step, so a resumed run draws the same)."""
+def collate_step(cfg: PretrainConfig, samples: list[Any] | BatchedCrops, step: int, device: torch.device
+                 ) -> dict[str, Tensor]:
+    """Stack the crops (per-sample path; the batched path arrives stacked) and draw this step's iBOT masks
+    (seeded by step, so a resumed run draws the same)."""
     crops = crops_for_step(cfg, step)
     grid = crops.global_crops_size // cfg.backbone.patch_size
     ibot = cfg.objective.ibot
     masker = MaskingGenerator(grid, max_num_patches=0.5 * grid * grid)
-    batch = collate_data_and_cast(samples, ibot.mask_ratio_min_max, ibot.mask_sample_probability,
-                                  n_tokens=grid * grid, mask_generator=masker,
-                                  rng=random.Random(step_seed(cfg.data.seed, step)))
+    rng = random.Random(step_seed(cfg.data.seed, step))
+    if isinstance(samples, BatchedCrops):
+        batch = mask_and_cast(samples.global_crops, samples.local_crops, ibot.mask_ratio_min_max,
+                              ibot.mask_sample_probability, n_tokens=grid * grid, mask_generator=masker, rng=rng)
+    else:
+        batch = collate_data_and_cast(samples, ibot.mask_ratio_min_max, ibot.mask_sample_probability,
+                                      n_tokens=grid * grid, mask_generator=masker, rng=rng)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
 
 
@@ -301,13 +321,18 @@ def save(model: SSLMetaArch, optimizer: torch.optim.Optimizer, place: Checkpoint
     return path
 
 
+StepHook = Callable[[int, SSLMetaArch], bool]
+
+
 def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTracker | None = None,
-                    store: ObjectStore | None = None, recipe: ModelRecipe | None = None
-                    ) -> tuple[PretrainResult, SSLMetaArch]:
+                    store: ObjectStore | None = None, recipe: ModelRecipe | None = None,
+                    after_step: StepHook | None = None) -> tuple[PretrainResult, SSLMetaArch]:
     """Train (or continue training) until ``objective.optim.iterations`` or ``run.max_steps`` more steps.
 
     ``store`` (with ``run.checkpoint_store_prefix``) mirrors checkpoints to the object store.
     ``recipe`` swaps the model and its checkpoint fingerprint (distillation); default: pretraining.
+    ``after_step(steps_done, model)`` runs after every completed step (benchmarks evaluate the teacher
+    there); returning True ends training after that step, with a checkpoint, as if it were the last.
     """
     recipe = recipe or ModelRecipe()
     tracker = tracker or NullTracker()
@@ -372,9 +397,12 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
             if peak:
                 metrics["mfu"] = images_per_second * image_flops / (peak * env.world_size)
             tracker.log_step(step, metrics)
-        if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == end:
+        stop = after_step is not None and after_step(step + 1, model)
+        if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == end or stop:
             result.checkpoint = save(model, optimizer, place, step + 1, env, stream.position(step + 1), fingerprint)
             last_saved = step + 1
+        if stop:
+            break
     if result.end_step > last_saved:  # skipped tail steps: persist the position anyway
         result.checkpoint = save(model, optimizer, place, result.end_step, env, stream.position(result.end_step),
                                  fingerprint)
