@@ -212,6 +212,15 @@ def calibrated_iterations(cfg: PretrainConfig, env: DistEnv, root: Path, budget_
     return max(int(budget_s / per_step), 1)
 
 
+def random_init_without_layerscale(cfg: PretrainConfig) -> torch.nn.Module:
+    """The same architecture untrained with LayerScale off. With the official init (1e-5) an untrained
+    model's residual branches are ~0, so every image gets nearly the same CLS token and the random-init
+    floor is near chance; this floor (a random ViT with full residual branches) is the meaningful one."""
+    plain = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, layerscale_init=None))
+    torch.manual_seed(cfg.data.seed)
+    return ModelRecipe().build(plain).backbone("teacher")
+
+
 def scaled_schedule(cfg: PretrainConfig, iterations: int) -> PretrainConfig:
     """The preset's schedule stretched to ``iterations``: warm-ups and the prototype freeze keep their share."""
     o, t = cfg.objective.optim, cfg.objective.teacher
@@ -223,6 +232,17 @@ def scaled_schedule(cfg: PretrainConfig, iterations: int) -> PretrainConfig:
         teacher=dataclasses.replace(t, warmup_teacher_temp_iters=round(t.warmup_teacher_temp_iters * factor)),
     )
     return dataclasses.replace(cfg, objective=objective)
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name (results from different CPUs are not comparable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
@@ -243,7 +263,10 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax.plot([0] + [p["minutes"] for p in curve], [record["random_init_knn_top1"]] + [p["knn_top1"] for p in curve],
             "o-", label=f"dinoflow {record['label']} (seed {record['seed']})")
     ax.axhline(record["pixels_knn_top1"], color="grey", ls="--", label="raw pixels")
-    ax.axhline(record["random_init_knn_top1"], color="black", ls=":", label="random init")
+    ax.axhline(record["random_init_knn_top1"], color="black", ls=":", label="random init (preset's LayerScale)")
+    if record.get("random_init_without_layerscale_knn_top1") is not None:
+        ax.axhline(record["random_init_without_layerscale_knn_top1"], color="tab:brown", ls=":",
+                   label="random init, LayerScale off")
     if record["split"] == "test":
         ax.plot([a["minutes"] for a in OFFICIAL_ANCHORS], [a["knn_top1"] for a in OFFICIAL_ANCHORS], "s",
                 color="tab:red", label="official code, 192/6/3 (hand-measured)")
@@ -274,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-floors", action="store_true",
                         help="skip the raw-pixel and random-init evaluations (screening runs)")
+    parser.add_argument("--floors-only", action="store_true",
+                        help="measure the floors and write the JSON without training")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -303,12 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     random_init = ModelRecipe().build(cfg).backbone("teacher")
     pixels_knn: float | None
     random_knn: float | None
+    random_plain_knn: float | None
     if args.no_floors:
-        pixels_knn, random_knn = None, None
+        pixels_knn, random_knn, random_plain_knn = None, None, None
     else:
         pixels_knn = knn_of_features(protocol, pixel_features(protocol.ref_images),
                                      pixel_features(protocol.query_images))
         random_knn = backbone_knn(random_init, cfg, protocol)
+        random_plain_knn = backbone_knn(random_init_without_layerscale(cfg), cfg, protocol)
     record: dict[str, Any] = {
         "label": args.label or args.out.stem, "split": args.split, "seed": args.seed,
         "protocol": {"features": "x_norm_clstoken, L2-normalised", "k": K, "temperature": TEMPERATURE,
@@ -317,9 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides, "iterations": iterations, "budget_minutes": max(args.minutes),
         "pixels_knn_top1": None if pixels_knn is None else round(pixels_knn, 4),
         "random_init_knn_top1": None if random_knn is None else round(random_knn, 4),
+        "random_init_without_layerscale_knn_top1": None if random_plain_knn is None else round(random_plain_knn, 4),
         "backbone_parameters": sum(p.numel() for p in random_init.parameters()),
         "precision": resolve_precision(cfg.objective.precision, env.device),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": {"cpu": cpu_model_name(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
         "curve": [],
@@ -329,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pixels {record['pixels_knn_top1']}, random init {record['random_init_knn_top1']}, "
           f"{iterations} iterations", flush=True)
     write_json(args.out, record)
+    if args.floors_only:
+        return 0
     evaluator = Evaluator(cfg, protocol, list(args.minutes), args.out, record)
     started = time.perf_counter()
     result, model = run_pretraining(cfg, env, ROOT, after_step=evaluator)
@@ -343,9 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     record["step_seconds"] = round(trained / max(steps, 1), 4)
     record["images_per_second"] = round(steps * cfg.data.batch_size_per_rank / max(trained, 1e-9), 1)
     record.update({k: round(v, 4) for k, v in model_step_rate(cfg, env, ROOT).items()})
+    # Measured in the run itself: the share of loop time spent waiting for the next batch. The ratio of
+    # two rates measured minutes apart is also kept, but on a shared machine whose speed drifts it is noisy.
+    record["data_loading_share"] = round(result.data_wait_seconds / max(result.loop_seconds, 1e-9), 4)
+    record["end_to_end_over_model_step_in_run"] = round(1 - record["data_loading_share"], 4)
     record["end_to_end_over_model_step"] = round(record["images_per_second"] / record["model_step_images_per_second"],
                                                  3)
-    record["data_loading_share"] = round(max(0.0, 1 - record["end_to_end_over_model_step"]), 3)
     record["last_losses"] = result.last_losses
     write_json(args.out, record)
     if args.plot:

@@ -14,6 +14,7 @@ because the machine may be shared. The untrained student is reported too: the CP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -93,8 +94,9 @@ def knn_top1(model: DinoVisionTransformer, config: BackboneConfig, mean: tuple[f
 
 
 def describe(model: DinoVisionTransformer, config: BackboneConfig, knn: float, size: int) -> dict[str, Any]:
-    return {"arch": config.arch, "patch_size": config.patch_size, "embed_dim": int(model.embed_dim),
-            "parameters": n_parameters(model), KNN_KEY: round(knn, 4),
+    spec = config.resolved_spec()
+    return {"arch": config.arch, "patch_size": config.patch_size, "embed_dim": spec.embed_dim, "depth": spec.depth,
+            "num_heads": spec.num_heads, "parameters": n_parameters(model), KNN_KEY: round(knn, 4),
             "inference_images_per_second": round(images_per_second(model, size), 1)}
 
 
@@ -135,8 +137,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["heads", "features"], choices=["auto", "heads", "features"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--teacher-steps", type=int, default=100, help="when a teacher has to be trained first")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: tiny models on a shared machine run fastest on one)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/distill_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -168,6 +169,12 @@ def main() -> None:
         torch.manual_seed(eval_cfg.seed)
         random_student = build_backbone(cfg.backbone)
         random_knn = knn_top1(random_student, cfg.backbone, mean, std, data, eval_cfg, cache)
+        # With LayerScale 1e-5 an untrained CLS is nearly constant (near chance): the random-feature
+        # floor with full residual branches is the one retention must be read against.
+        plain_config = dataclasses.replace(cfg.backbone, layerscale_init=None)
+        torch.manual_seed(eval_cfg.seed)
+        plain_student = build_backbone(plain_config)
+        plain_knn = knn_top1(plain_student, plain_config, mean, std, data, eval_cfg, cache)
         teacher_row = describe(teacher.backbone, teacher.config, teacher_knn, cfg.crops.global_crops_size)
         for student in students:
             student["knn_retained_vs_teacher"] = round(student[KNN_KEY] / teacher_knn, 4)
@@ -175,6 +182,8 @@ def main() -> None:
         report = {
             "benchmark": "distill_cpu", "teacher_source": source, "teacher": teacher_row, "students": students,
             "random_init_student": describe(random_student, cfg.backbone, random_knn, cfg.crops.global_crops_size),
+            "random_init_student_without_layerscale": describe(plain_student, plain_config, plain_knn,
+                                                               cfg.crops.global_crops_size),
             "runs": runs, "goal": "student k-NN top-1 >= 0.95 x teacher",
             "eval": {"metric": KNN_KEY, "train_per_class": eval_cfg.dataset.train_per_class,
                      "test_per_class": eval_cfg.dataset.test_per_class, "image_size": eval_cfg.image_size},

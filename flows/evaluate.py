@@ -10,7 +10,7 @@ from components.stages.context import make_context
 from components.stages.evaluate import EvaluateOutputs, load_evaluate_config, run_evaluate
 from flows.common import prefect_tags
 
-BASELINES = ("random_init", "pixels")
+BASELINES = ("random_init", "random_no_layerscale", "pixels")
 
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), log_prints=True)

@@ -23,6 +23,14 @@ def test_baselines_are_split_by_their_prefix() -> None:
                          "pixels": {"knn_top1_k20": 0.75, "linear_top1": 0.8}}
 
 
+def test_a_baseline_named_like_another_is_not_folded_into_it() -> None:
+    flat = {"knn_top1_k20": 0.7, "baseline_random_init_knn_top1_k20": 0.1,
+            "baseline_random_no_layerscale_knn_top1_k20": 0.6}
+    _, baselines = split_baselines(flat)
+    assert baselines == {"random_init": {"knn_top1_k20": 0.1}, "random_no_layerscale": {"knn_top1_k20": 0.6}}
+    assert eval_table(flat).splitlines()[0] == "| metric | model | random_init | random_no_layerscale |"
+
+
 def test_table_rows_columns_and_blank_cells() -> None:
     lines = eval_table(FLAT).splitlines()
     assert lines[0] == "| metric | model | random_init | pixels |"

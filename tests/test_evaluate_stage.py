@@ -106,7 +106,8 @@ def test_evaluate_folder_then_registry_version(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     for key in ("knn_top1_k5", "knn_top5_k20", "linear_top1", "logreg_top1",
                 "baseline_random_init_knn_top1_k20", "baseline_pixels_knn_top1_k20",
-                "baseline_pixels_linear_top1", "baseline_random_init_logreg_top1"):
+                "baseline_pixels_linear_top1", "baseline_random_init_logreg_top1",
+                "baseline_random_no_layerscale_knn_top1_k20"):
         assert key in report, key
     assert all(0.0 <= value <= 1.0 for value in report.values())
     assert report["baseline_pixels_knn_top1_k20"] > 0.4  # raw pixels are far above chance on Fashion-MNIST
@@ -123,7 +124,8 @@ def test_evaluate_folder_then_registry_version(tmp_path: Path) -> None:
     assert "random_init.linear_top1" in run.data.metrics and "pixels.logreg_top1" in run.data.metrics
     assert run.data.params["evaluate.dataset.train_per_class"] == "20"
     cached = sorted(p.name for p in (tmp_path / "features").iterdir())
-    assert len(cached) == 8  # (model, random init) x (train, test) x (.npy, .json)
+    # (model, random init, random init without LayerScale) x (train, test) x (.npy, .json)
+    assert len(cached) == 12
 
     # 2. the same weights as a registry version, by alias
     import mlflow

@@ -72,6 +72,7 @@ def test_single_process_run_skips_corrupt_images_and_checkpoints(tmp_path: Path)
     assert result.finished and result.end_step == 6
     assert result.skipped_images >= 1, "the truncated PNG is seen in 6 steps x 4 images of a 25-image pool"
     assert all(np.isfinite(v) for v in result.last_losses.values())
+    assert 0 < result.data_wait_seconds < result.loop_seconds  # the data-loading share of the loop is measured
     committed = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert committed == ["step_000000004", "step_000000006"]  # keep_last = 2
     monitors = model.last_step_monitors()

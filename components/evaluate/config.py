@@ -82,6 +82,11 @@ class BaselinesConfig:
     """The floors every report carries (docs/evaluation.md, Baselines), computed by the same protocols."""
 
     random_init: bool = True  # same architecture, untrained (seeded by EvaluateConfig.seed)
+    # The same, with LayerScale off. With the official LayerScale init (1e-5) an untrained ViT's residual
+    # branches are ~0, so it maps every image to nearly one CLS token and ``random_init`` sits near chance;
+    # this floor (a random ViT with full residual branches) is the one a trained model must clearly beat.
+    # Computed only for models that have LayerScale.
+    random_no_layerscale: bool = True
     pixels: bool = True  # raw 28x28 pixels, whatever image_size is
 
 

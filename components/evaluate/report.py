@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 BASELINE_PREFIX = "baseline_"
-BASELINE_COLUMNS = ("random_init", "pixels")  # in the order the stage computes them
+BASELINE_COLUMNS = ("random_init", "random_no_layerscale", "pixels")  # in the order the stage computes them
 
 
 def split_baselines(flat: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

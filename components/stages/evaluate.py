@@ -124,6 +124,12 @@ def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
             torch.manual_seed(cfg.seed)  # the same untrained weights every run: a cacheable, comparable floor
             random_model = build_backbone(bundle.config).to(cfg.device).eval()
             metrics.update(prefixed("random_init", evaluate_backbone(random_model, bundle, data, cfg, cache_dir)))
+        if cfg.baselines.random_no_layerscale and bundle.config.layerscale_init:
+            torch.manual_seed(cfg.seed)
+            plain = dataclasses.replace(bundle.config, layerscale_init=None)
+            plain_model = build_backbone(plain).to(cfg.device).eval()
+            metrics.update(prefixed("random_no_layerscale",
+                                    evaluate_backbone(plain_model, bundle, data, cfg, cache_dir)))
         if cfg.baselines.pixels:
             metrics.update(prefixed("pixels", evaluate_pixels(data, cfg)))
         mlflow.log_metrics(metrics)

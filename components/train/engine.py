@@ -74,6 +74,10 @@ class PretrainResult:
     checkpoint: Path | None
     skipped_images: int = 0
     last_losses: dict[str, float] = field(default_factory=dict)
+    # Seconds the loop waited for its next batch (loader + collate to the device) and spent in steps in
+    # all; their ratio is the data-loading share of training time, whatever else the machine was doing.
+    data_wait_seconds: float = 0.0
+    loop_seconds: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -358,7 +362,9 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
     result = PretrainResult(start_step=start, end_step=start, total_steps=total, checkpoint=None)
     last_saved, unreadable_in_a_row = start, 0
     tick, steps_since_tick = time.perf_counter(), 0
+    wait_since_tick = 0.0
     for step in range(start, end):
+        step_started = time.perf_counter()
         loaded = stream.batches(step)
         # All ranks skip together when any rank's whole batch was unreadable: the step's collectives need all.
         skip_everywhere = any_rank(loaded is None, env.device)
@@ -373,6 +379,9 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
         unreadable_in_a_row = 0
         result.skipped_images += loaded.n_skipped
         batch = collate_step(cfg, loaded.batch, step, env.device)
+        waited = time.perf_counter() - step_started
+        result.data_wait_seconds += waited
+        wait_since_tick += waited
         values = schedules.at(step)
         apply_schedules(optimizer.param_groups, values["lr"], values["wd"], values["last_layer_lr"],
                         backbone_frozen=step < cfg.run.head_warmup_iters)
@@ -386,13 +395,16 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
         model.update_teacher(values["momentum"])
         result.end_step = step + 1
         result.last_losses = {k: float(v) for k, v in losses.items()}
+        result.loop_seconds += time.perf_counter() - step_started
         steps_since_tick += 1
         if (step + 1) % cfg.run.log_every == 0 or step == end - 1:
             now = time.perf_counter()
             images_per_second = steps_since_tick * stream.global_batch / max(now - tick, 1e-9)
-            tick, steps_since_tick = now, 0
+            data_wait_share = wait_since_tick / max(now - tick, 1e-9)
+            tick, steps_since_tick, wait_since_tick = now, 0, 0.0
             metrics = {**result.last_losses, **values, **model.last_step_monitors(),
-                       "images_per_second": images_per_second, "skipped_images": float(result.skipped_images),
+                       "images_per_second": images_per_second, "data_wait_share": data_wait_share,
+                       "skipped_images": float(result.skipped_images),
                        **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
             if peak:
                 metrics["mfu"] = images_per_second * image_flops / (peak * env.world_size)
