@@ -83,7 +83,7 @@ def tiny_config(tmp_path: Path, name: str) -> EvaluateConfig:
                          logreg=LogregConfig(c_grid=[1.0], max_iter=20, tol=1e-4),
                          champion=f"models:/{name}@champion")
     cfg.dataset.train_per_class, cfg.dataset.test_per_class = 20, 10
-    cfg.baselines.random_init = cfg.baselines.pixels = False
+    cfg.baselines.random_init = cfg.baselines.pixels = cfg.baselines.random_no_layerscale = False
     cfg.schedule.model_name = name
     return cfg
 

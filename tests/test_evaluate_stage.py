@@ -65,7 +65,7 @@ def test_enabled_suites_add_metrics_and_pictures(tmp_path: Path) -> None:
     arch = BackboneConfig(arch="vit_pico", patch_size=4, img_size=28)
     save_backbone(build_backbone(arch), arch, tmp_path / "backbone")
     cfg = tiny_eval_config("backbone", tmp_path)
-    cfg.baselines.random_init = cfg.baselines.pixels = False
+    cfg.baselines.random_init = cfg.baselines.pixels = cfg.baselines.random_no_layerscale = False
     cfg.linear.enabled = cfg.logreg.enabled = False
     cfg.retrieval.enabled, cfg.retrieval.queries_per_class, cfg.retrieval.gallery_per_class = True, 2, 10
     cfg.retrieval.picture_queries, cfg.retrieval.picture_top_k = 2, 3

@@ -69,7 +69,7 @@ def tiny_params(tmp_path: Path, name: str) -> Path:
         "ks": [5, 20], "cache_dir": str(tmp_path / "features"),
         "linear": {"epochs": 2, "learning_rates": [0.1], "min_steps": 0},
         "logreg": {"c_grid": [1.0], "max_iter": 20, "tol": 1.0e-4},
-        "baselines": {"random_init": False, "pixels": False},
+        "baselines": {"random_init": False, "random_no_layerscale": False, "pixels": False},
         "champion": f"models:/{name}@champion",
         "schedule": {"model_name": name},
     }}))

@@ -61,7 +61,7 @@ evaluate:
   ks: [5]
   linear: {enabled: true, epochs: 2, learning_rates: [0.1], min_steps: 0}
   logreg: {enabled: true, c_grid: [1.0], max_iter: 20, tol: 1.0e-3}
-  baselines: {random_init: false, pixels: true}
+  baselines: {random_init: false, random_no_layerscale: false, pixels: true}
   champion: ""
   device: cpu
   metrics_path: metrics/eval.json
