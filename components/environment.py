@@ -74,3 +74,57 @@ def apply_environment(
         env.setdefault(key, value)
     state.mkdir(parents=True, exist_ok=True)
     return state
+
+
+def ui_environment(
+    environ: Mapping[str, str] | None = None, root: Path | None = None, project_params: str | Path | None = None
+) -> dict[str, str]:
+    """What a tool started by hand (``mlflow ui``, ``prefect server start``) needs to see dinoflow's stores.
+
+    The quiet/offline defaults as :func:`apply_environment` resolves them (user values win), plus
+    ``MLFLOW_UI_URI`` (the tracking store the CLI writes to: ``MLFLOW_TRACKING_URI``, else
+    ``tracking.uri`` of ``params/project.yaml``, else the project's SQLite database) and
+    ``MLFLOW_UI_ARTIFACTS`` (the project's artifact root). ``environ`` is not modified.
+    """
+    from components.config.project import load_project_config
+
+    env = dict(os.environ if environ is None else environ)
+    top = project_root(root)
+    state = apply_environment(env, top)
+    params = Path(project_params) if project_params is not None else Path("params/project.yaml")
+    project = load_project_config(params if params.is_absolute() else top / params)
+    values = {key: env[key] for key in quiet_offline_defaults(state)}
+    values["MLFLOW_UI_URI"] = project.tracking_uri(state, env)
+    values["MLFLOW_UI_ARTIFACTS"] = project.artifact_root(state)
+    return values
+
+
+def shell_exports(values: Mapping[str, str]) -> str:
+    """``values`` as POSIX ``export KEY='value'`` lines, for ``eval`` in any sh (infra/state-env.sh)."""
+    import shlex
+
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m components.environment --shell``: print the project's environment as shell exports."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m components.environment",
+        description="Print the environment dinoflow sets for itself (state folder, quiet/offline defaults, "
+                    "the MLflow store of the UI), for tools started by hand. Used by infra/state-env.sh.")
+    parser.add_argument("--shell", action="store_true", help="POSIX sh export lines (default: JSON)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="project root, or a folder inside it (default: the current folder)")
+    parser.add_argument("--project", default=None,
+                        help="project parameter file, relative to the root (default: params/project.yaml)")
+    args = parser.parse_args(argv)
+    values = ui_environment(root=args.root, project_params=args.project)
+    print(shell_exports(values) if args.shell else json.dumps(values, indent=2), end="" if args.shell else "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

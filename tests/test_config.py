@@ -119,3 +119,12 @@ def test_gpu_presets_load_and_validate(preset: Path) -> None:
 
     cfg = load_distill_config(preset) if preset.name.startswith("distill") else load_pretrain_config(preset)
     assert cfg.objective.precision == "bf16" and cfg.data.manifest == "data/curated/manifest.parquet"
+
+
+def test_fp16_training_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from components.train.config import load_pretrain_config
+
+    file = tmp_path / "pretrain.yaml"
+    file.write_text("pretrain:\n  objective:\n    precision: fp16\n")
+    with pytest.raises(ConfigError, match="needs gradient loss scaling"):
+        load_pretrain_config(file)

@@ -165,8 +165,9 @@ def test_high_resolution_phase_switches_crops_for_the_last_iterations(
     sizes: list[int] = []
     original = engine.collate_step
 
-    def spy(cfg_: PretrainConfig, samples: list[object], step: int, device: torch.device) -> dict[str, torch.Tensor]:
-        batch = original(cfg_, samples, step, device)
+    def spy(cfg_: PretrainConfig, samples: list[object], step: int, device: torch.device,
+            rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+        batch = original(cfg_, samples, step, device, rank, world_size)
         sizes.append(int(batch["collated_global_crops"].shape[-1]))
         assert batch["collated_masks"].shape[1] == (sizes[-1] // 4) ** 2
         return batch

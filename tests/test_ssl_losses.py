@@ -365,9 +365,13 @@ def test_centering_low_precision_teacher_gives_float32_probabilities() -> None:
     torch.testing.assert_close(centering.center, 0.1 * teacher.float().mean(0, keepdim=True))
 
 
-def test_centering_rejects_an_empty_batch() -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        TeacherCentering(3).update_center(torch.zeros(0, 3))
+def test_centering_ignores_an_empty_batch() -> None:
+    """No outputs (no masked token anywhere) leave the center as it was, never NaN."""
+    centering = TeacherCentering(3)
+    centering.center.fill_(0.5)
+    centering.update_center(torch.zeros(0, 3))
+    centering.apply_center_update()
+    torch.testing.assert_close(centering.center, torch.full((1, 3), 0.5))
 
 
 # ---------------------------------------------------------------------------------------------------

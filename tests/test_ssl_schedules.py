@@ -46,9 +46,27 @@ def test_recipe_schedules_endpoints() -> None:
     assert s.momentum(0) == pytest.approx(0.992) and s.momentum(1000) == 1.0
     assert s.teacher_temp(0) == pytest.approx(0.04) and s.teacher_temp(299) == pytest.approx(0.07)
     assert s.teacher_temp(300) == s.teacher_temp(900) == 0.07
-    assert s.last_layer_lr(49) == 0.0 and s.last_layer_lr(50) == 0.0 and s.last_layer_lr(149) == pytest.approx(4e-3)
+    # Official: the lr schedule with its first 50 values zeroed, not shifted by the freeze.
+    assert s.last_layer_lr(49) == 0.0 and s.lr(50) > 0.0 and s.last_layer_lr(50) == pytest.approx(s.lr(50))
+    assert s.last_layer_lr(99) == pytest.approx(4e-3)
     # weight decay rises along a half cosine: the midpoint is the mean of the ends
     assert s.weight_decay(500) == pytest.approx(0.22)
+
+
+def test_last_layer_lr_is_the_official_zeroed_lr_schedule() -> None:
+    """The default recipe (100 epochs of 1,250 iterations, 10 warm-up, 1 frozen) against the official
+    construction: ``CosineScheduler(**lr)`` then ``schedule[:freeze] = 0``."""
+    total, warmup, freeze = 125_000, 12_500, 1_250
+    s = build_schedules(total_iters=total, lr=4e-3, min_lr=1e-6, warmup_iters=warmup, weight_decay=0.04,
+                        weight_decay_end=0.4, momentum_teacher=0.992, final_momentum_teacher=1.0,
+                        teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_iters=37_500,
+                        freeze_last_layer_iters=freeze)
+    official = reference_schedule(4e-3, 1e-6, total, warmup, 0.0, 0)
+    official[:freeze] = 0.0
+    for it in (0, 1_249, 1_250, 5_000, 12_499, 12_500, 60_000, 124_999):
+        assert s.last_layer_lr(it) == pytest.approx(official[it], rel=1e-9, abs=1e-15)
+    assert s.last_layer_lr(1_250) == pytest.approx(4.0e-4, rel=1e-3)
+    assert s.last_layer_lr(12_500) == pytest.approx(4.0e-3)
 
 
 def test_lr_scaling_rule() -> None:

@@ -150,12 +150,19 @@ def mask_and_cast(
     """The training batch from crops already stacked crop-major (``global_crops`` (2B, 3, G, G), ``local_crops``
     (n_local * B, 3, L, L)): iBOT masks for the global crops, then the official batch dict. Shared by the
     per-sample collate above and the batched augmentation path (components/data/batched_multicrop.py)."""
-    n_crops = len(global_crops)
+    masks, upperbound = draw_masks(len(global_crops), n_tokens, mask_ratio_tuple, mask_probability,
+                                   mask_generator, rng)
+    return cast_batch(global_crops, local_crops, masks, upperbound, n_tokens, dtype)
 
-    masks, upperbound = draw_masks(n_crops, n_tokens, mask_ratio_tuple, mask_probability, mask_generator, rng)
+
+def cast_batch(global_crops: torch.Tensor, local_crops: torch.Tensor, masks: Sequence[torch.Tensor], upperbound: int,
+               n_tokens: int, dtype: torch.dtype = torch.float32) -> CollatedBatch:
+    """The official batch dict from stacked crops and one ``(h, w)`` bool mask per global crop (in crop order)."""
+    if len(masks) != len(global_crops):
+        raise ValueError(f"{len(masks)} masks for {len(global_crops)} global crops")
     if masks[0].numel() != n_tokens:
         raise ValueError(f"mask generator grid has {masks[0].numel()} cells but n_tokens is {n_tokens}")
-    collated_masks = torch.stack(masks).flatten(1)  # (2B, n_tokens) bool
+    collated_masks = torch.stack(list(masks)).flatten(1)  # (2B, n_tokens) bool
     mask_indices_list = collated_masks.flatten().nonzero().flatten()  # (M,)
     # Every masked token of a crop weighs 1 / (masked tokens of that crop); clamp avoids 1/0 rows.
     per_crop_weight = 1.0 / collated_masks.sum(-1).clamp(min=1.0)  # (2B,)

@@ -205,6 +205,9 @@ def distill_recipe(teacher: FrozenTeacher, mode: Mode, feature_loss: FeatureLoss
     digest = teacher.fingerprint()
 
     def build(cfg: PretrainConfig) -> SSLMetaArch:
+        # The teacher sees the global crops only (of either phase).
+        global_sizes = {key: size for key, size in cfg.crop_sizes().items() if "global" in key}
+        cfg.check_patch_size(teacher.config.patch_size, "the teacher's patch size", global_sizes)
         return DistillMetaArch(cfg.backbone, cfg.objective, teacher, mode, feature_loss)
 
     def fingerprint(cfg: PretrainConfig) -> str:

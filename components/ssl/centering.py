@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.ssl.all_reduce import start_all_reduce_sum_, world_size
+from components.ssl.all_reduce import start_all_reduce_sum_
 
 
 class TeacherCentering(nn.Module):
@@ -60,11 +60,10 @@ class TeacherCentering(nn.Module):
         self.out_dim = out_dim
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(shape))
-        # A started-but-not-applied update: the (per-process) batch mean being summed, its handle,
-        # and the world size it is summed over.
+        # A started-but-not-applied update: (per-process batch mean, 1) being summed over processes, and
+        # the collective's handle.
         self._pending_batch_mean: Tensor | None = None
         self._pending_handle: dist.Work | None = None
-        self._pending_world_size = 1
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:
@@ -80,20 +79,22 @@ class TeacherCentering(nn.Module):
     def update_center(self, teacher_output: Tensor) -> None:
         """Start the EMA update with this batch's teacher outputs (..., K); applied lazily.
 
-        The batch mean over every leading axis is summed over processes asynchronously. Every process
-        must call it (it is a collective) with at least one output.
+        The batch mean over every leading axis is summed over processes asynchronously, with a count of the
+        processes that had outputs. Every process must call it (it is a collective); one with no outputs
+        (a rank whose global crops drew no iBOT mask) contributes nothing, and the center is the mean over
+        the others (over all of them, the official formula, whenever every process has outputs).
         """
         if self._pending_batch_mean is not None:
             self.apply_center_update()  # never drop a started update
         accumulate_dtype = torch.promote_types(teacher_output.dtype, self.center.dtype)
         tokens = teacher_output.detach().reshape(-1, self.out_dim).to(accumulate_dtype)  # (N, K)
-        if tokens.shape[0] == 0:
-            # The mean of nothing is NaN and would poison the center for the rest of training.
-            raise ValueError("update_center needs at least one teacher output on every process")
-        batch_mean = tokens.mean(dim=0).reshape(self.center.shape)  # same layout as the center
-        self._pending_world_size = world_size()
-        self._pending_handle = start_all_reduce_sum_(batch_mean)
-        self._pending_batch_mean = batch_mean
+        # The mean of nothing is NaN and would poison the center: an empty batch votes 0 and adds zeros.
+        has_outputs = tokens.shape[0] > 0
+        batch_mean = tokens.mean(dim=0) if has_outputs else tokens.new_zeros(self.out_dim)  # (K,)
+        # (K + 1,): the mean and this process's vote, summed over processes in one collective.
+        summed = torch.cat((batch_mean, batch_mean.new_full((1,), float(has_outputs))))
+        self._pending_handle = start_all_reduce_sum_(summed)
+        self._pending_batch_mean = summed
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
@@ -102,8 +103,11 @@ class TeacherCentering(nn.Module):
             return
         if self._pending_handle is not None:
             self._pending_handle.wait()
-        global_mean = self._pending_batch_mean / self._pending_world_size
-        momentum = self.center_momentum
-        self.center.mul_(momentum).add_(global_mean.to(self.center.dtype), alpha=1.0 - momentum)
+        summed, contributors = self._pending_batch_mean[:-1], float(self._pending_batch_mean[-1])
         self._pending_batch_mean = None
         self._pending_handle = None
+        if contributors == 0:  # no process had outputs: nothing to average
+            return
+        global_mean = (summed / contributors).reshape(self.center.shape)
+        momentum = self.center_momentum
+        self.center.mul_(momentum).add_(global_mean.to(self.center.dtype), alpha=1.0 - momentum)

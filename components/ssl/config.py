@@ -14,6 +14,11 @@ from typing import Literal
 
 OFFICIAL_EPOCH_LENGTH = 1250
 
+# fp16 gradients underflow without loss scaling (the official code uses a sharded grad scaler); dinoflow has
+# none, so it refuses fp16 rather than train silently wrong. bf16 has fp32's range and needs no scaler.
+FP16_REFUSAL = ("precision 'fp16' is not supported for training: it needs gradient loss scaling, which dinoflow "
+                "does not implement; use 'bf16' (the GPU default, same range as fp32), 'auto' or 'fp32'")
+
 
 @dataclass
 class HeadConfig:
@@ -84,8 +89,10 @@ class OptimConfig:
     def validate(self) -> None:
         if self.iterations < 1:
             raise ValueError("iterations must be >= 1")
-        if self.warmup_iters + self.freeze_last_layer_iters > self.iterations:
-            raise ValueError("warmup_iters + freeze_last_layer_iters must not exceed iterations")
+        if self.warmup_iters > self.iterations or self.freeze_last_layer_iters > self.iterations:
+            raise ValueError("warmup_iters and freeze_last_layer_iters must not exceed iterations")
+        if min(self.warmup_iters, self.freeze_last_layer_iters) < 0:
+            raise ValueError("warmup_iters and freeze_last_layer_iters must be >= 0")
 
 
 @dataclass
@@ -95,6 +102,10 @@ class ObjectiveConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Autocast dtype of the forward passes; "auto": bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX),
-    # fp32 elsewhere (components/ssl/meta_arch.resolve_precision).
+    # fp32 elsewhere (components/ssl/meta_arch.resolve_precision). "fp16" is refused (see FP16_REFUSAL).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "bf16"
     packed_forward: bool = True  # all crops through the backbone as one variable-length batch
+
+    def validate(self) -> None:
+        if self.precision == "fp16":
+            raise ValueError(FP16_REFUSAL)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from components.models import BackboneConfig, DinoVisionTransformer, build_backbone
-from components.ssl.config import HeadConfig, ObjectiveConfig
+from components.ssl.config import FP16_REFUSAL, HeadConfig, ObjectiveConfig
 from components.ssl.dino_head import DINOHead
 from components.ssl.dino_loss import DINOLoss, dino_n_loss_terms
 from components.ssl.ema import update_teacher
@@ -71,8 +71,9 @@ def autocast_context(device: torch.device, precision: str) -> AbstractContextMan
     precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    if precision != "bf16":
+        raise ValueError(FP16_REFUSAL if precision == "fp16" else f"unknown precision {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 class SSLMetaArch(nn.Module):
@@ -163,35 +164,32 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:
         """Teacher probabilities for the DINO term (2, B, K), swapped so crop A faces crop B, and for
-        the masked patches of the iBOT term (M, K) (None without masks)."""
+        the masked patches of the iBOT term (M, K). With no masked token here (M = 0; possible on one rank
+        of many) the iBOT targets are (0, K) and their collectives (Sinkhorn-Knopp sums, the center's
+        all-reduce) still run, so every rank issues the same collectives."""
         global_crops = batch["collated_global_crops"]  # (2B, C, H, W)
         mask_indices = batch["mask_indices_list"]  # (M,)
-        n_masked = int(mask_indices.shape[0])
         out = self.backbone("teacher").forward_features(global_crops)
         cls = feature(out, "x_norm_clstoken").chunk(N_GLOBAL_CROPS)  # 2 x (B, D)
         cls_swapped = torch.cat((cls[1], cls[0]))  # (2B, D): no same-view pairs in the global term
         patches = feature(out, "x_norm_patchtokens").flatten(0, 1).index_select(0, mask_indices)  # (M, D)
         if self.objective.ibot.separate_head:
             cls_out = self.head("teacher")(cls_swapped)  # (2B, K)
-            patch_out = self.head("teacher", "ibot_head")(patches) if n_masked else None  # (M, K)
+            patch_out = self.head("teacher", "ibot_head")(patches)  # (M, K)
         else:
             both = self.head("teacher")(torch.cat((cls_swapped, patches)))  # (2B + M, K)
-            cls_out, patch_out = both[: cls_swapped.shape[0]], (both[cls_swapped.shape[0]:] if n_masked else None)
-        cls_out, patch_out = cls_out.float(), (patch_out.float() if patch_out is not None else None)
+            cls_out, patch_out = both[: cls_swapped.shape[0]], both[cls_swapped.shape[0]:]
+        cls_out, patch_out = cls_out.float(), patch_out.float()
 
         if self.objective.teacher.centering == "centering":
             dino_targets = self.dino_loss.softmax_center_teacher(cls_out, teacher_temp)
             self.dino_loss.update_center(cls_out)
-            ibot_targets = None
-            if patch_out is not None:
-                ibot_targets = self.ibot_patch_loss.softmax_center_teacher(patch_out, teacher_temp)
-                self.ibot_patch_loss.update_center(patch_out)
+            ibot_targets = self.ibot_patch_loss.softmax_center_teacher(patch_out, teacher_temp)
+            self.ibot_patch_loss.update_center(patch_out)
         else:
             dino_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_out, teacher_temp)
-            ibot_targets = None
-            if patch_out is not None:
-                ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    patch_out, teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"])
+            ibot_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                patch_out, teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"])
         self._last_teacher_probs = dino_targets.detach()
         return dino_targets.view(N_GLOBAL_CROPS, -1, dino_targets.shape[-1]), ibot_targets
 

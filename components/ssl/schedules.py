@@ -2,6 +2,10 @@
 official ``CosineScheduler``): lr, weight decay, teacher momentum, teacher temperature and the
 prototype-layer lr, each a frozen phase, a linear warm-up, then a half-cosine to a final value.
 
+The prototype-layer lr is the official one: the lr schedule itself with its first
+``freeze_last_layer_iters`` values set to 0 (``schedule[:freeze] = 0`` in the official
+``build_schedulers``), not a schedule shifted by the freeze.
+
 The official configs count in "epochs" of 1,250 iterations; dinoflow's params count iterations
 directly so short CPU runs and long GPU runs use the same fields.
 """
@@ -55,6 +59,22 @@ class CosineSchedule:
         return self.final_value + 0.5 * (self.base_value - self.final_value) * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class ZeroedPrefix:
+    """``schedule(it)``, but 0 for the first ``zero_iters`` iterations (nothing is shifted)."""
+
+    schedule: CosineSchedule
+    zero_iters: int
+
+    def __post_init__(self) -> None:
+        if self.zero_iters < 0:
+            raise ValueError("zero_iters must be >= 0")
+
+    def __call__(self, it: int) -> float:
+        value = self.schedule(it)  # validates it
+        return 0.0 if it < self.zero_iters else value
+
+
 def scaled_lr(base_lr: float, global_batch_size: int, rule: str = "sqrt_wrt_1024") -> float:
     """The official lr scaling: ``base_lr * sqrt(global_batch / 1024)`` (or linear / none)."""
     if rule == "sqrt_wrt_1024":
@@ -72,7 +92,7 @@ class TrainingSchedules:
     weight_decay: CosineSchedule
     momentum: CosineSchedule
     teacher_temp: CosineSchedule
-    last_layer_lr: CosineSchedule  # lr, but 0 while the prototype layer is frozen
+    last_layer_lr: ZeroedPrefix  # lr, but 0 while the prototype layer is frozen
 
     def at(self, it: int) -> dict[str, float]:
         return {
@@ -108,6 +128,6 @@ def build_schedules(
         # Warm-up then constant: the schedule ends with the warm-up and returns the final value after.
         teacher_temp=CosineSchedule(teacher_temp, teacher_temp, temp_iters, warmup_iters=temp_iters,
                                     start_warmup_value=warmup_teacher_temp),
-        last_layer_lr=CosineSchedule(lr, min_lr, total_iters, warmup_iters=warmup_iters,
-                                     freeze_iters=freeze_last_layer_iters),
+        last_layer_lr=ZeroedPrefix(CosineSchedule(lr, min_lr, total_iters, warmup_iters=warmup_iters),
+                                   zero_iters=freeze_last_layer_iters),
     )

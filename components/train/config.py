@@ -90,12 +90,29 @@ class PretrainConfig:
     highres: HighResConfig = field(default_factory=HighResConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def crop_sizes(self) -> dict[str, int]:
+        """Every crop size the run will feed the backbone, by its params key (local crops only when there
+        are some; the high-resolution phase only when it is on)."""
+        sizes = {"crops.global_crops_size": self.crops.global_crops_size}
+        if self.crops.local_crops_number > 0:
+            sizes["crops.local_crops_size"] = self.crops.local_crops_size
+        if self.highres.enabled:
+            sizes["highres.global_crops_size"] = self.highres.global_crops_size
+            if self.crops.local_crops_number > 0:
+                sizes["highres.local_crops_size"] = self.highres.local_crops_size
+        return sizes
+
+    def check_patch_size(self, patch_size: int, patch_key: str, sizes: dict[str, int] | None = None) -> None:
+        """Raise unless every crop size in ``sizes`` (default: all of :meth:`crop_sizes`) is a multiple of
+        ``patch_size``: a crop that does not tile into patches would stop the run at the first step of its
+        phase, which for the high-resolution phase is the end of a long run."""
+        wrong = [f"{key} {size}" for key, size in (sizes or self.crop_sizes()).items() if size % patch_size]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: not a multiple of {patch_key} {patch_size}; crops must tile "
+                             "into whole patches")
+
     def validate(self) -> None:
-        if self.crops.global_crops_size % self.backbone.patch_size:
-            raise ValueError(
-                f"crops.global_crops_size {self.crops.global_crops_size} must be a multiple of "
-                f"backbone.patch_size {self.backbone.patch_size}"
-            )
+        self.check_patch_size(self.backbone.patch_size, "backbone.patch_size")
         if self.highres.enabled and self.highres.iterations >= self.objective.optim.iterations:
             raise ValueError("highres.iterations must be smaller than objective.optim.iterations")
 

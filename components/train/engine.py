@@ -7,7 +7,8 @@ a resumed run equal to an uninterrupted one:
   so step ``s`` always starts at position ``s * global_batch`` (also on another world size);
 - each sample's augmentation is seeded by its stream position (epoch-tagged index), not by the
   worker or the rank that loads it;
-- iBOT masks are drawn in the main process from a generator seeded by (seed, step);
+- iBOT masks are drawn in the main process, keyed by (seed, step, slot in the global batch): they differ
+  across ranks and do not depend on the world size;
 - model, teacher, heads, loss centers, optimizer, step and the torch RNG (drop path) are in every
   checkpoint; a checkpoint is written only after a finite step.
 """
@@ -18,20 +19,18 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from components.config import to_mapping
 from components.data.batched_multicrop import BatchAugmenter, BatchedCrops, raw_sample
-from components.data.collate import collate_data_and_cast, mask_and_cast
+from components.data.collate import cast_batch, crops_of, stack_crop_major
 from components.data.manifest_dataset import (
     CollatedWithSkips,
     ManifestImageDataset,
@@ -41,6 +40,7 @@ from components.data.manifest_dataset import (
 from components.data.masking import MaskingGenerator
 from components.data.multicrop import DataAugmentationDINO, MultiCropConfig
 from components.data.sampler import InfiniteShardedSampler
+from components.data.step_masks import N_GLOBAL_CROPS, rank_offsets, step_masks
 from components.models.pretrained import load_pretrained_backbone
 from components.ssl.meta_arch import SSLMetaArch
 from components.ssl.param_groups import apply_schedules
@@ -102,10 +102,6 @@ def crops_for_step(cfg: PretrainConfig, step: int) -> MultiCropConfig:
         return dataclasses.replace(cfg.crops, global_crops_size=h.global_crops_size,
                                    local_crops_size=h.local_crops_size)
     return cfg.crops
-
-
-def step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, step, 0x6D61736B]).generate_state(1)[0])
 
 
 def transform_for(crops: MultiCropConfig) -> Callable[[Any, int], Any]:
@@ -175,21 +171,26 @@ class DataStream:
                                      num_workers=d.num_workers, seed=d.seed, rank=self.env.rank)
 
 
-def collate_step(cfg: PretrainConfig, samples: list[Any] | BatchedCrops, step: int, device: torch.device
-                 ) -> dict[str, Tensor]:
-    """Stack the crops (per-sample path; the batched path arrives stacked) and draw this step's iBOT masks
-    (seeded by step, so a resumed run draws the same)."""
+def collate_step(cfg: PretrainConfig, samples: list[Any] | BatchedCrops, step: int, device: torch.device,
+                 rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
+    """Stack the crops (per-sample path; the batched path arrives stacked) and draw this step's iBOT masks:
+    keyed by (seed, step, slot in the global batch), so ranks differ and a resume on any world size draws the
+    same masks for the same samples (components/data/step_masks.py)."""
     crops = crops_for_step(cfg, step)
     grid = crops.global_crops_size // cfg.backbone.patch_size
     ibot = cfg.objective.ibot
-    masker = MaskingGenerator(grid, max_num_patches=0.5 * grid * grid)
-    rng = random.Random(step_seed(cfg.data.seed, step))
     if isinstance(samples, BatchedCrops):
-        batch = mask_and_cast(samples.global_crops, samples.local_crops, ibot.mask_ratio_min_max,
-                              ibot.mask_sample_probability, n_tokens=grid * grid, mask_generator=masker, rng=rng)
+        global_crops, local_crops = samples.global_crops, samples.local_crops
     else:
-        batch = collate_data_and_cast(samples, ibot.mask_ratio_min_max, ibot.mask_sample_probability,
-                                      n_tokens=grid * grid, mask_generator=masker, rng=rng)
+        items = [crops_of(sample) for sample in samples]
+        global_crops = stack_crop_major(items, "global_crops")  # (2B, 3, G, G)
+        local_crops = stack_crop_major(items, "local_crops")  # (n_local * B, 3, L, L)
+    n_samples = len(global_crops) // N_GLOBAL_CROPS
+    masks, upperbound = step_masks(
+        rank_offsets(rank, world_size, n_samples), cfg.data.batch_size_per_rank * world_size, grid * grid,
+        ibot.mask_ratio_min_max, ibot.mask_sample_probability,
+        MaskingGenerator(grid, max_num_patches=0.5 * grid * grid), cfg.data.seed, step)
+    batch = cast_batch(global_crops, local_crops, masks, upperbound, grid * grid)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, Tensor)}
 
 
@@ -378,7 +379,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
             continue
         unreadable_in_a_row = 0
         result.skipped_images += loaded.n_skipped
-        batch = collate_step(cfg, loaded.batch, step, env.device)
+        batch = collate_step(cfg, loaded.batch, step, env.device, env.rank, env.world_size)
         waited = time.perf_counter() - step_started
         result.data_wait_seconds += waited
         wait_since_tick += waited
