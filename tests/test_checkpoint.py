@@ -258,3 +258,26 @@ def test_two_process_save_loads_in_one_process(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     assert_same_training_state(reference, target)
+
+
+def test_each_rank_gets_its_own_generators_back_and_a_new_rank_a_derived_one() -> None:
+    from components.train.distributed import DistEnv
+    from components.train.engine import device_rng_states, rank_step_seed, restore_rng_states
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(123)
+    saved = {"rank": 1, **device_rng_states(cpu)}
+    expected_draw = torch.rand(3)
+    torch.manual_seed(0)
+    assert restore_rng_states(saved, DistEnv(1, 2, 1, cpu), seed=7, step=40) == "restored"
+    torch.testing.assert_close(torch.rand(3), expected_draw, rtol=0, atol=0)
+
+    # Rank 2 of a resume on three processes finds rank 0's extra state: it must not replay rank 0's stream.
+    rank0 = {"rank": 0, **device_rng_states(cpu)}
+    rank0_draw = torch.rand(3)
+    assert restore_rng_states(rank0, DistEnv(2, 3, 2, cpu), seed=7, step=40) == "derived"
+    new_rank_draw = torch.rand(3)
+    assert not torch.equal(new_rank_draw, rank0_draw)
+    torch.manual_seed(rank_step_seed(7, 2, 40))
+    torch.testing.assert_close(torch.rand(3), new_rank_draw, rtol=0, atol=0)
+    assert rank_step_seed(7, 2, 40) != rank_step_seed(7, 1, 40) != rank_step_seed(7, 1, 41)

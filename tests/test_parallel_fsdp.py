@@ -27,6 +27,8 @@ class RunRecord(TypedDict):
     sharded: bool
     teacher_frozen: bool
     student: dict[str, torch.Tensor]  # gathered full tensors
+    teacher: dict[str, torch.Tensor]  # the EMA teacher (backbone and heads), gathered
+    centers: dict[str, torch.Tensor]  # DINO and iBOT centers (replicated buffers)
     grad_norms: list[dict[str, float]]  # per step, per student module (what clip_gradients measured)
 
 
@@ -57,10 +59,13 @@ def worker(rank: int, world: int, port: int, cfg_maps: dict[str, dict[str, objec
             tracker = GradNormTracker()
             result, model = run_pretraining(from_mapping(PretrainConfig, cfg_map), env, Path(root), tracker)
             student = full_state_dict(model.student)  # a collective under FSDP: every rank gathers
+            teacher = full_state_dict(model.teacher)
+            centers = {name: loss.center.detach().clone()
+                       for name, loss in (("dino", model.dino_loss), ("ibot", model.ibot_patch_loss))}
             record: RunRecord = {
                 "end": result.end_step, "losses": result.last_losses, "sharded": is_sharded(model.student),
                 "teacher_frozen": not any(p.requires_grad for p in model.teacher.parameters()), "student": student,
-                "grad_norms": tracker.norms,
+                "teacher": teacher, "centers": centers, "grad_norms": tracker.norms,
             }
             torch.save(record, Path(out) / f"{name}_rank{rank}.pt")
     finally:
@@ -74,8 +79,10 @@ def run_two(cfgs: dict[str, PretrainConfig], root: Path, out: Path) -> dict[str,
     return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in range(2)] for name in cfgs}
 
 
-def config(manifest: Path, output: Path, strategy: str, **run: object) -> PretrainConfig:
+def config(manifest: Path, output: Path, strategy: str, centering: str = "sinkhorn_knopp",
+           **run: object) -> PretrainConfig:
     cfg = tiny_config(manifest, output, iterations=4, **run)
+    cfg.objective.teacher.centering = centering  # type: ignore[assignment]
     cfg.data.batch_size_per_rank = 2
     cfg.run.checkpoint_every = 3  # one checkpoint, at the end of the 2-process runs
     cfg.run.strategy = strategy  # type: ignore[assignment]
@@ -88,8 +95,11 @@ def config(manifest: Path, output: Path, strategy: str, **run: object) -> Pretra
 def test_fsdp_equals_all_reduce_and_resumes_on_one_process(tmp_path: Path) -> None:
     manifest = write_pool(tmp_path, corrupt=False)
     tick = time.perf_counter()
-    runs = run_two({strategy: config(manifest, tmp_path / strategy, strategy, max_steps=3)
-                    for strategy in ("fsdp", "ddp")}, tmp_path, tmp_path / "out")
+    configs = {strategy: config(manifest, tmp_path / strategy, strategy, max_steps=3) for strategy in ("fsdp", "ddp")}
+    # EMA centering too, so the center buffers carry state worth comparing (Sinkhorn-Knopp leaves them at 0).
+    configs.update({f"{strategy}_centering": config(manifest, tmp_path / f"{strategy}_centering", strategy,
+                                                    "centering", max_steps=3) for strategy in ("fsdp", "ddp")})
+    runs = run_two(configs, tmp_path, tmp_path / "out")
     fsdp, ddp = runs["fsdp"], runs["ddp"]
     print(f"2-process fsdp and ddp runs: {time.perf_counter() - tick:.1f} s")
     assert [r["end"] for r in fsdp] == [3, 3] and all(r["sharded"] and r["teacher_frozen"] for r in fsdp)
@@ -102,11 +112,16 @@ def test_fsdp_equals_all_reduce_and_resumes_on_one_process(tmp_path: Path) -> No
         assert f_step.keys() == d_step.keys()
         for key in d_step:
             assert abs(f_step[key] - d_step[key]) <= 1e-4 * d_step[key] and d_step[key] > 0.05, key
-    expected, got = ddp[0]["student"], fsdp[0]["student"]
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
-        torch.testing.assert_close(fsdp[1]["student"][key], got[key], rtol=0, atol=0, msg=key)
+    for f_run, d_run in ((fsdp, ddp), (runs["fsdp_centering"], runs["ddp_centering"])):
+        for part in ("student", "teacher", "centers"):
+            expected, got = d_run[0][part], f_run[0][part]  # type: ignore[literal-required]
+            assert expected.keys() == got.keys() and expected, part
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=f"{part} {key}")
+                torch.testing.assert_close(f_run[1][part][key], got[key], rtol=0, atol=0,  # type: ignore[literal-required]
+                                           msg=f"{part} {key}")
+    centers = runs["ddp_centering"][0]["centers"]
+    assert all(float(c.abs().max()) > 0 for c in centers.values())  # the EMA center moved
     # The FSDP run's sharded DCP checkpoint (step 3) resumes in one plain process.
     result, model = run_pretraining(config(manifest, tmp_path / "fsdp", "ddp"), CPU, tmp_path)
     assert result.start_step == 3 and result.finished and not is_sharded(model)

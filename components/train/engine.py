@@ -9,8 +9,9 @@ a resumed run equal to an uninterrupted one:
   worker or the rank that loads it;
 - iBOT masks are drawn in the main process, keyed by (seed, step, slot in the global batch): they differ
   across ranks and do not depend on the world size;
-- model, teacher, heads, loss centers, optimizer, step and the torch RNG (drop path) are in every
-  checkpoint; a checkpoint is written only after a finite step.
+- model, teacher, heads, loss centers, optimizer, step and every rank's own CPU and CUDA generators
+  (drop path) are in every checkpoint (a rank added on resume seeds its own from (seed, rank, step));
+  a checkpoint is written only after a finite step.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -252,13 +254,42 @@ class ModelRecipe:
     fingerprint: Callable[[PretrainConfig], str] = architecture_fingerprint
 
 
+def device_rng_states(device: torch.device) -> dict[str, Tensor]:
+    """This process's generators that training draws from (drop path, any device randomness)."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def rank_step_seed(seed: int, rank: int, step: int) -> int:
+    """The generator seed of a rank that has no saved state at ``step`` (added on resume)."""
+    return int(np.random.SeedSequence([seed, rank, step, 0x72616E6B]).generate_state(1)[0])
+
+
+def restore_rng_states(extra: dict[str, Any], env: DistEnv, seed: int, step: int) -> str:
+    """Put this rank's saved generators back; a rank the saving job did not have (its extra state is rank 0's)
+    gets generators derived from (seed, rank, step) instead of a copy of rank 0's. Returns which it did."""
+    saved_rank = extra.get("rank", env.rank)  # checkpoints before the record held every rank's own state
+    if saved_rank != env.rank:
+        torch.manual_seed(rank_step_seed(seed, env.rank, step))  # the CPU and every CUDA generator
+        return "derived"
+    torch.set_rng_state(extra["torch_rng"])
+    if env.device.type == "cuda":
+        if "cuda_rng" in extra:
+            torch.cuda.set_rng_state(extra["cuda_rng"], env.device)
+        else:  # saved on CPU, resumed on CUDA
+            torch.cuda.manual_seed(rank_step_seed(seed, env.rank, step))
+    return "restored"
+
+
 def checkpoint_state(model: SSLMetaArch, optimizer: torch.optim.Optimizer, step: int, data_position: int,
-                     fingerprint: str) -> dict[str, Any]:
+                     fingerprint: str, env: DistEnv) -> dict[str, Any]:
     for loss in (model.dino_loss, model.ibot_patch_loss):
         loss.apply_center_update()  # a pending (lazy) center update must be in the saved buffers
     return {"model": model, "optimizer": optimizer,
-            "extra": {"step": step, "data_position": data_position, "torch_rng": torch.get_rng_state(),
-                      "architecture": fingerprint}}
+            "extra": {"step": step, "data_position": data_position, "rank": env.rank,
+                      **device_rng_states(env.device), "architecture": fingerprint}}
 
 
 def check_same_architecture(path: Path, fingerprint: str) -> None:
@@ -276,18 +307,20 @@ def check_same_architecture(path: Path, fingerprint: str) -> None:
 
 
 def restore(model: SSLMetaArch, optimizer: torch.optim.Optimizer, directory: Path, env: DistEnv,
-            fingerprint: str) -> tuple[int, int]:
+            fingerprint: str, seed: int) -> tuple[int, int]:
     """Load the newest complete checkpoint, if any; returns (step, data stream position) to start from."""
     latest = ckpt.latest_checkpoint(directory)
     if latest is None:
         return 0, 0
     check_same_architecture(latest, fingerprint)
-    state = checkpoint_state(model, optimizer, 0, 0, fingerprint)
+    state = checkpoint_state(model, optimizer, 0, 0, fingerprint, env)
     ckpt.load_checkpoint(latest, state)
-    torch.set_rng_state(state["extra"]["torch_rng"])
     step, position = int(state["extra"]["step"]), int(state["extra"]["data_position"])
+    generators = restore_rng_states(state["extra"], env, seed, step)
     if env.is_main:
         log.info("resumed from %s at step %d (data position %d)", latest, step, position)
+    if generators == "derived":
+        log.info("rank %d is new to this run: its generators are seeded from (seed, rank, step)", env.rank)
     return step, position
 
 
@@ -315,7 +348,7 @@ class CheckpointPlace:
 
 def save(model: SSLMetaArch, optimizer: torch.optim.Optimizer, place: CheckpointPlace, step: int,
          env: DistEnv, data_position: int, fingerprint: str) -> Path:
-    state = checkpoint_state(model, optimizer, step, data_position, fingerprint)
+    state = checkpoint_state(model, optimizer, step, data_position, fingerprint, env)
     path = ckpt.save_checkpoint(place.directory, step, state)
     if env.is_main:
         if place.mirrored():
@@ -350,7 +383,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
     fsdp = resolve_strategy(cfg.run.strategy, env) == "fsdp"
     torch.manual_seed(cfg.data.seed + env.rank)  # drop path draws differ per rank; restored on resume
     fingerprint = recipe.fingerprint(cfg)
-    start, position = restore(model, optimizer, checkpoints, env, fingerprint)
+    start, position = restore(model, optimizer, checkpoints, env, fingerprint, cfg.data.seed)
     total = cfg.objective.optim.iterations
     stream = DataStream(cfg, env, root)
     stream.seek(start, position)
