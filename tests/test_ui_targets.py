@@ -129,7 +129,7 @@ def test_state_env_is_posix_sh_and_names_the_clis_stores(tmp_path: Path) -> None
     served = ui_environment({"DINOFLOW_HOME": str(state), "MLFLOW_TRACKING_URI": "http://127.0.0.1:6000"}, REPO)
     assert served["MLFLOW_UI_URI"] == "http://127.0.0.1:6000"
     assert "export MLFLOW_UI_URI=http://127.0.0.1:6000\n" in shell_exports(served)
-    assert "export A='it'\"'\"'s'\n" == shell_exports({"A": "it's"})
+    assert shell_exports({"A": "it's"}) == "export A='it'\"'\"'s'\n"
 
 
 @pytest.mark.slow
