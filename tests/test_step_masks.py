@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from components.config import from_mapping, to_mapping
 from components.data.batched_multicrop import BatchedCrops
 from components.data.masking import MaskingGenerator
 from components.data.step_masks import mask_plan, plan_generator, rank_offsets, step_masks
+from components.train import engine
 from components.train.config import PretrainConfig
 from components.train.distributed import init_distributed, shutdown_distributed
 from components.train.engine import collate_step, run_pretraining
@@ -94,9 +96,18 @@ def worker(rank: int, world: int, port: int, cfg_map: dict[str, object], root: s
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     env = init_distributed("cpu")
+    masks: list[torch.Tensor] = []
+    original = engine.collate_step
+
+    def recording(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        batch = original(*args, **kwargs)
+        masks.append(batch["collated_masks"].clone())
+        return batch
+
+    engine.collate_step = recording  # type: ignore[assignment]  # a spawned process of its own
     try:
         result, model = run_pretraining(from_mapping(PretrainConfig, cfg_map), env, Path(root))
-        torch.save({"end": result.end_step, "losses": result.last_losses,
+        torch.save({"end": result.end_step, "losses": result.last_losses, "masks": masks,
                     "student": {k: v.detach().clone() for k, v in model.student.state_dict().items()},
                     "centers": {k: v.clone() for k, v in model.state_dict().items() if k.endswith("center")}},
                    Path(out) / f"rank{rank}.pt")
@@ -125,3 +136,11 @@ def test_a_rank_without_masked_tokens_does_not_hang(tmp_path: Path, centering: s
             torch.testing.assert_close(ranks[1][part][key], value, rtol=0, atol=0, msg=key)
     for r in ranks:
         assert all(v == v for v in r["losses"].values())  # finite
+    # Each step: the ranks' masks differ, and together they are a one-process run's over both samples.
+    for step in range(3):
+        per_rank = [r["masks"][step] for r in ranks]  # (2, n_tokens) each: crop 0 and crop 1 of one sample
+        assert not torch.equal(per_rank[0], per_rank[1])
+        assert sum(int(m.any(dim=1).sum()) for m in per_rank) == 1  # one masked crop in the global batch
+        single = torch.stack(masks_for_config(cfg, [0, 1], 2, step)).flatten(1)  # (4, n_tokens) crop-major
+        for rank, mask in enumerate(per_rank):
+            torch.testing.assert_close(mask, single[[rank, 2 + rank]], rtol=0, atol=0)
