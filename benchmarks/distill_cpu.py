@@ -9,6 +9,11 @@ params/distill.yaml into a temporary folder (engine only: no MLflow, no registry
 parameters, k-NN top-1 on the evaluation subset of params/evaluate.yaml (features and protocol of the
 evaluate stage), inference images/s; per run: steps, wall time, process CPU time and the load average,
 because the machine may be shared. The untrained student is reported too: the CPU demo teacher is weak.
+
+``--eval validation`` chooses settings without the test split: references and queries are two disjoint
+class-balanced draws from the train split (``--per-class REFS QUERIES``); ``--eval test`` (default) is the
+evaluate stage's subset of the test split, or a larger one with ``--per-class``. ``--set key=value`` overrides
+params/distill.yaml (dotted keys under ``distill``, YAML values), for the screens in docs/distillation.md.
 """
 
 from __future__ import annotations
@@ -25,9 +30,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
+import yaml
 
-from components.distill.config import load_distill_config
+from components.config import from_mapping, load_yaml
+from components.data import fashion_mnist
+from components.distill.config import DistillConfig
 from components.distill.meta_arch import distill_recipe, objective_for_teacher
 from components.distill.teacher import FrozenTeacher, load_teacher, resolve_mode
 from components.environment import apply_environment
@@ -103,8 +112,41 @@ def describe(model: DinoVisionTransformer, config: BackboneConfig, knn: float, s
 Mode = Literal["auto", "heads", "features"]
 
 
-def distil(teacher_source: str, mode: Mode, steps: int, root: Path, output: Path) -> tuple[dict[str, Any], Any]:
-    cfg = load_distill_config(root / "params" / "distill.yaml")
+def distill_params(root: Path, overrides: list[str]) -> DistillConfig:
+    """params/distill.yaml with ``key=value`` overrides (dotted keys below ``distill``)."""
+    params = load_yaml(root / "params" / "distill.yaml")["distill"]
+    for item in overrides:
+        dotted, _, raw = item.partition("=")
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = yaml.safe_load(raw)
+    return from_mapping(DistillConfig, params, "params/distill.yaml (with --set)")
+
+
+def validation_data(cfg: EvaluateConfig, state: Path, refs_per_class: int, queries_per_class: int) -> EvalData:
+    """References and queries: disjoint class-balanced draws from the train split (the test split untouched)."""
+    ds = cfg.dataset
+    cache_dir = Path(ds.cache_dir) if ds.cache_dir else state / "cache" / "fashion-mnist"
+    train = fashion_mnist.load_split(fashion_mnist.locate(Path(ds.source_dir), cache_dir, allow_fetch=ds.allow_fetch),
+                                     "train")
+    chosen = fashion_mnist.balanced_subset(train.labels, refs_per_class + queries_per_class, ds.seed)
+    labels = train.labels[chosen]
+    refs, queries = [], []
+    for label in np.unique(labels):
+        of_class = chosen[labels == label]
+        refs.append(of_class[:refs_per_class])
+        queries.append(of_class[refs_per_class:])
+    ref_idx, query_idx = np.concatenate(refs), np.concatenate(queries)
+    return EvalData(train.images[ref_idx], train.labels[ref_idx].astype(np.int64), train.images[query_idx],
+                    train.labels[query_idx].astype(np.int64),
+                    f"fashion-mnist-validation:{ds.seed}:{refs_per_class}:{queries_per_class}")
+
+
+def distil(teacher_source: str, mode: Mode, steps: int, root: Path, output: Path, overrides: list[str]
+           ) -> tuple[dict[str, Any], Any]:
+    cfg = distill_params(root, overrides)
     cfg.teacher.source, cfg.teacher.mode = teacher_source, mode
     cfg.objective.optim.iterations = steps
     cfg.run.output_dir, cfg.run.checkpoint_every, cfg.run.log_every = str(output), 10**9, 10
@@ -138,6 +180,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--teacher-steps", type=int, default=100, help="when a teacher has to be trained first")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    parser.add_argument("--eval", choices=["test", "validation"], default="test")
+    parser.add_argument("--per-class", nargs=2, type=int, metavar=("REFS", "QUERIES"), default=None,
+                        help="images per class for references and queries (default: params/evaluate.yaml's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override params/distill.yaml, e.g. objective.teacher.momentum_teacher=0.992")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/distill_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,7 +192,12 @@ def main() -> None:
     state = apply_environment(start=root)
     eval_cfg = load_evaluate_config(root / "params" / "evaluate.yaml")
     eval_cfg.linear.enabled = eval_cfg.logreg.enabled = False
-    data = load_eval_data(eval_cfg, state)
+    if args.per_class:
+        eval_cfg.dataset.train_per_class, eval_cfg.dataset.test_per_class = args.per_class
+    if args.eval == "validation":
+        data = validation_data(eval_cfg, state, eval_cfg.dataset.train_per_class, eval_cfg.dataset.test_per_class)
+    else:
+        data = load_eval_data(eval_cfg, state)
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as folder:
         scratch = Path(folder)
         cache = scratch / "features"
@@ -154,7 +206,7 @@ def main() -> None:
         runs, students = [], []
         teacher: FrozenTeacher | None = None
         for mode in args.modes:
-            run, (model, cfg, teacher) = distil(source, mode, args.steps, root, scratch / mode)
+            run, (model, cfg, teacher) = distil(source, mode, args.steps, root, scratch / mode, args.set)
             ema = model.backbone("teacher")
             mean, std = cfg.crops.normalize_mean, cfg.crops.normalize_std
             student = describe(ema, cfg.backbone, knn_top1(ema, cfg.backbone, mean, std, data, eval_cfg, cache),
@@ -185,7 +237,8 @@ def main() -> None:
             "random_init_student_without_layerscale": describe(plain_student, plain_config, plain_knn,
                                                                cfg.crops.global_crops_size),
             "runs": runs, "goal": "student k-NN top-1 >= 0.95 x teacher",
-            "eval": {"metric": KNN_KEY, "train_per_class": eval_cfg.dataset.train_per_class,
+            "overrides": args.set,
+            "eval": {"metric": KNN_KEY, "split": args.eval, "train_per_class": eval_cfg.dataset.train_per_class,
                      "test_per_class": eval_cfg.dataset.test_per_class, "image_size": eval_cfg.image_size},
             "total_wall_seconds": round(time.perf_counter() - started, 1),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -27,6 +27,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # One intra-op thread per process: the tests' models are tiny, and with 2 cores two spinning OpenMP
     # threads (next to DataLoader workers, torchrun ranks and servers) slow them down 5-20x.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Prefect's console log handler writes to `ext://sys.stderr` as it is when Prefect configures logging,
+    # which under pytest is pytest's capture stream (or a test's capsys buffer). Pytest closes those, and
+    # Prefect still logs after that: at interpreter exit (atexit) it stops its temporary API server
+    # ("Stopping temporary server on ...") and drains its log queues, which printed a "--- Logging error ---
+    # ValueError: I/O operation on closed file" traceback at the end of every session that ran a flow in
+    # process (PrefectHQ/prefect#16626, #14845). The process's own stderr is never closed; pytest's fd-level
+    # capture still captures what is written to it during a test.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "ext://sys.__stderr__")
     apply_environment()
 
 

@@ -2,7 +2,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.environment import apply_environment, project_root, quiet_offline_defaults, state_dir
+from components.environment import (
+    apply_environment,
+    project_root,
+    quiet_offline_defaults,
+    shell_exports,
+    state_dir,
+    ui_environment,
+)
 
 
 def test_defaults_point_inside_the_state_folder(tmp_path: Path) -> None:
@@ -31,3 +38,20 @@ def test_state_dir_defaults_to_project_root(tmp_path: Path) -> None:
     assert project_root(nested) == tmp_path.resolve()
     assert state_dir({}, nested) == tmp_path.resolve() / ".dinoflow"
     assert set(quiet_offline_defaults(tmp_path)) >= {"PREFECT_HOME", "DVC_SITE_CACHE_DIR"}
+
+
+def test_ui_environment_resolves_the_tracking_store_like_the_cli(tmp_path: Path) -> None:
+    """`make mlflow-ui` serves what `dinoflow` writes to: environment, then params/project.yaml, then SQLite."""
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "params").mkdir()
+    env = {"DINOFLOW_HOME": str(tmp_path / "state")}
+    state = (tmp_path / "state").resolve()
+    default = ui_environment(env, tmp_path)
+    assert default["MLFLOW_UI_URI"] == f"sqlite:///{state}/mlflow/mlflow.db"
+    assert default["MLFLOW_UI_ARTIFACTS"] == (state / "mlflow" / "artifacts").as_uri()
+    assert default["PREFECT_HOME"] == str(state / "prefect") and env == {"DINOFLOW_HOME": str(tmp_path / "state")}
+    (tmp_path / "params" / "project.yaml").write_text("tracking:\n  uri: sqlite:////srv/runs.db\n")
+    assert ui_environment(env, tmp_path)["MLFLOW_UI_URI"] == "sqlite:////srv/runs.db"
+    served = ui_environment({**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:6000", "PREFECT_HOME": "/p"}, tmp_path)
+    assert served["MLFLOW_UI_URI"] == "http://127.0.0.1:6000" and served["PREFECT_HOME"] == "/p"
+    assert shell_exports({"A": "it's", "B": "x y"}) == "export A='it'\"'\"'s'\nexport B='x y'\n"

@@ -84,5 +84,42 @@ def test_prefect_flow_and_mlflow_registry_run_offline_on_embedded_defaults(tmp_p
     assert (state / "prefect").is_dir(), "Prefect must keep its database inside the state folder"
     assert any((state / "prefect").rglob("*.db")), "embedded Prefect API database in the state folder"
     assert f"sqlite:///{state}" in done.stdout
+    assert "Logging error" not in done.stderr, done.stderr[-6000:]
     if not offline:
         pytest.skip("ran, but could not isolate the network (no unshare): offline-ness not proven")
+
+
+IN_PROCESS_FLOW_TEST = textwrap.dedent(
+    """
+    def test_tiny_flow_in_process():
+        import flows  # the project's environment; Prefect's temporary server, as the CLI uses it
+        from prefect import flow
+
+        @flow(name="tiny")
+        def tiny() -> int:
+            return 1
+
+        assert tiny() == 1
+    """
+)
+
+
+@pytest.mark.slow
+def test_flow_runs_on_the_temporary_server_end_without_logging_errors(tmp_path: Path) -> None:
+    """Prefect logs while it stops its temporary server at exit; that must not hit a closed stream.
+
+    The stream was pytest's capture (closed before Prefect's atexit hooks ran), so the flow runs in process
+    in a pytest session of its own, in a subprocess, with this suite's conftest. The plain-process case (what
+    the CLI does) is asserted by the smoke test above."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DINOFLOW_"))}
+    (tmp_path / "test_tiny_flow.py").write_text(IN_PROCESS_FLOW_TEST)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not the project's settings (testpaths, markers)
+    session = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", "-c",
+         str(tmp_path / "pytest.ini"), str(tmp_path / "test_tiny_flow.py")],
+        cwd=REPO, env={**env, "DINOFLOW_TEST_STATE": str(tmp_path / "state")}, capture_output=True, text=True,
+        timeout=300, check=False)
+    output = session.stdout + session.stderr
+    assert session.returncode == 0, output[-6000:]
+    assert "1 passed" in output and "Stopping temporary server" in output, output[-6000:]
+    assert "Logging error" not in output and "I/O operation on closed file" not in output, output[-6000:]

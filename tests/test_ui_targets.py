@@ -9,29 +9,29 @@ params/project.yaml resolves to. Then each Makefile target is started for real (
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from components.environment import shell_exports, ui_environment
-from tests.test_server_mode import clean_environ, free_port, start_server, stop_server, wait_healthy
+from tests.test_server_mode import Server, clean_environ, free_port, start_server, stop_server, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 START_TIMEOUT_S = 90  # each UI answers in 7-25 s on 2 busy cores
 
+# What the CLI does, in one process: a flow run on Prefect's temporary server (PREFECT_HOME of the state
+# folder), then an MLflow run with an artifact and a registered model on params/project.yaml's store.
 SEED = textwrap.dedent(
     """
-    import json, sys
+    import json
     from pathlib import Path
     import flows  # the quiet, project-local environment, as the CLI applies it
     from prefect import flow
@@ -72,7 +72,6 @@ class Seeded:
     run_id: str
     experiment: str
     tracking_uri: str
-    stderr: str
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +87,16 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Seeded:
     got = json.loads(line[len("SEED "):])
     assert got["tracking_uri"] == f"sqlite:///{state.resolve()}/mlflow/mlflow.db", "the CLI's embedded store"
     return Seeded(env=env, state=state, flow_run_id=got["flow_run_id"], run_id=got["run_id"],
-                  experiment=got["experiment"], tracking_uri=got["tracking_uri"], stderr=done.stderr)
+                  experiment=got["experiment"], tracking_uri=got["tracking_uri"])
+
+
+StartTarget = Callable[[str, str, dict[str, str], str], int]
 
 
 @pytest.fixture
-def make_target(tmp_path: Path) -> Iterator[object]:
-    """Start ``make -C <repo> <target> VAR=port`` in its own process group; stopped (killpg) on exit, also on failure."""
-    servers = []
+def make_target(tmp_path: Path) -> Iterator[StartTarget]:
+    """Start ``make -C <repo> <target> VAR=port`` in its own process group; killpg on exit, also on failure."""
+    servers: list[Server] = []
 
     def start(target: str, port_var: str, env: dict[str, str], health: str) -> int:
         port = free_port()
@@ -125,16 +127,12 @@ def test_state_env_is_posix_sh_and_names_the_clis_stores(tmp_path: Path) -> None
     assert exported["PREFECT_HOME"] == str(state / "prefect")
     assert exported["MLFLOW_UI_URI"] == f"sqlite:///{state}/mlflow/mlflow.db"
     assert exported["MLFLOW_UI_ARTIFACTS"] == (state / "mlflow" / "artifacts").as_uri()
-    # A tracking server in the environment wins, as it does for the CLI.
-    served = ui_environment({"DINOFLOW_HOME": str(state), "MLFLOW_TRACKING_URI": "http://127.0.0.1:6000"}, REPO)
-    assert served["MLFLOW_UI_URI"] == "http://127.0.0.1:6000"
-    assert "export MLFLOW_UI_URI=http://127.0.0.1:6000\n" in shell_exports(served)
-    assert shell_exports({"A": "it's"}) == "export A='it'\"'\"'s'\n"
-
 
 @pytest.mark.slow
-def test_make_mlflow_ui_serves_the_clis_runs_and_registered_models(seeded: Seeded, make_target: object) -> None:
-    port = make_target("mlflow-ui", "MLFLOW_PORT", seeded.env, "/health")  # type: ignore[operator]
+def test_make_mlflow_ui_serves_the_clis_runs_and_registered_models(seeded: Seeded, make_target: StartTarget) -> None:
+    fallbacks = ("mlflow.db", "mlartifacts", "mlruns")  # what `mlflow ui` creates in its folder without a store
+    existing = {name for name in fallbacks if (REPO / name).exists()}
+    port = make_target("mlflow-ui", "MLFLOW_PORT", seeded.env, "/health")
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     experiment = httpx.get(f"{api}/experiments/get-by-name", params={"experiment_name": seeded.experiment},
                            timeout=10).raise_for_status().json()["experiment"]
@@ -148,19 +146,13 @@ def test_make_mlflow_ui_serves_the_clis_runs_and_registered_models(seeded: Seede
     files = httpx.get(f"{api}/artifacts/list", params={"run_id": seeded.run_id, "path": "notes"},
                       timeout=10).raise_for_status().json()["files"]
     assert [f["path"] for f in files] == ["notes/hello.txt"], "the UI reads the project's artifact root"
-    assert not (REPO / "mlflow.db").exists() or (REPO / "mlflow.db").stat().st_mtime < time.time() - 300
+    assert {name for name in fallbacks if (REPO / name).exists()} == existing, "no fallback store in the checkout"
 
 
 @pytest.mark.slow
-def test_make_prefect_ui_serves_the_flow_runs_of_the_embedded_server(seeded: Seeded, make_target: object) -> None:
-    port = make_target("prefect-ui", "PREFECT_PORT", seeded.env, "/api/health")  # type: ignore[operator]
+def test_make_prefect_ui_serves_the_flow_runs_of_the_embedded_server(seeded: Seeded, make_target: StartTarget) -> None:
+    port = make_target("prefect-ui", "PREFECT_PORT", seeded.env, "/api/health")
     runs = httpx.post(f"http://127.0.0.1:{port}/api/flow_runs/filter", json={}, timeout=10).raise_for_status().json()
     assert seeded.flow_run_id in [run["id"] for run in runs], runs
-    assert os.path.isdir(seeded.state / "prefect")
+    assert (seeded.state / "prefect" / "prefect.db").is_file(), "the database of PREFECT_HOME in the state folder"
 
-
-@pytest.mark.slow
-def test_a_flow_on_the_temporary_server_exits_without_logging_errors(seeded: Seeded) -> None:
-    """Prefect stops its temporary server at exit and logs that; the stream must still be open then."""
-    assert "Logging error" not in seeded.stderr and "I/O operation on closed file" not in seeded.stderr, seeded.stderr
-    assert "Stopping temporary server" in seeded.stderr
