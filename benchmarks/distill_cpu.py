@@ -44,6 +44,7 @@ from components.evaluate.config import EvaluateConfig, load_evaluate_config
 from components.models import BackboneConfig, DinoVisionTransformer, build_backbone
 from components.models.export import BackboneBundle
 from components.stages.evaluate import EvalData, evaluate_backbone, load_eval_data
+from components.storage.atomic import write_text_atomic
 from components.train.config import load_pretrain_config
 from components.train.distributed import DistEnv
 from components.train.engine import run_pretraining
@@ -165,12 +166,9 @@ def distil(teacher_source: str, mode: Mode, steps: int, root: Path, output: Path
     return run, (model, cfg, teacher)
 
 
-def write_json_atomically(path: Path, payload: object) -> None:
+def write_json_atomically(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(handle, "w") as out:
-        out.write(json.dumps(payload, indent=2) + "\n")
-    os.replace(temp, path)
+    write_text_atomic(json.dumps(payload, indent=2) + "\n", path)
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch.distributed as dist
 from components.models import BackboneConfig
 from components.ssl.config import HeadConfig, ObjectiveConfig
 from components.ssl.meta_arch import SSLMetaArch
+from components.storage.atomic import write_text_atomic
 from components.train.parallel import shard_meta_arch
 from components.train.tracking import flops_per_image, peak_flops
 
@@ -84,10 +84,7 @@ def step_time(case: Case, packed: bool, backend: str, steps: int, warmup: int, f
 
 def write_json_atomically(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(handle, "w") as out:
-        out.write(json.dumps(payload, indent=2) + "\n")
-    os.replace(temp, path)
+    write_text_atomic(json.dumps(payload, indent=2) + "\n", path)
 
 
 def plan(cases: list[str], backends: list[str]) -> list[dict[str, Any]]:
