@@ -33,17 +33,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.config import from_mapping, load_yaml, to_mapping  # noqa: E402
+from components.config import to_mapping  # noqa: E402
 from components.data import fashion_mnist  # noqa: E402
 from components.evaluate.features import extract_features, fashion_mnist_batches, pixel_features  # noqa: E402
 from components.evaluate.knn import knn_classify  # noqa: E402
 from components.ssl.meta_arch import SSLMetaArch, resolve_precision  # noqa: E402
-from components.train.config import PretrainConfig  # noqa: E402
+from components.train.config import PretrainConfig, load_pretrain_config  # noqa: E402
 from components.train.distributed import DistEnv  # noqa: E402
 from components.train.engine import DataStream, ModelRecipe, collate_step, run_pretraining, schedules_for  # noqa: E402
 
@@ -54,23 +53,9 @@ VAL_REFERENCES = 50_000
 K, TEMPERATURE = 20, 0.07
 
 
-def set_dotted(mapping: dict[str, Any], dotted: str, value: Any) -> None:
-    """``a.b.c=value`` into nested dicts (created as needed)."""
-    keys = dotted.split(".")
-    node = mapping
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
-
-
 def load_preset(path: Path, overrides: list[str]) -> PretrainConfig:
-    data = load_yaml(path)["pretrain"]
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        set_dotted(data, key, yaml.safe_load(raw))
-    cfg = from_mapping(PretrainConfig, data, f"{path}:pretrain")
-    cfg.validate()
-    return cfg
+    """The preset with ``--set`` overrides, through the same loader as ``dinoflow pretrain --set``."""
+    return load_pretrain_config(path, overrides)
 
 
 def write_train_manifest(work: Path, images: np.ndarray) -> Path:

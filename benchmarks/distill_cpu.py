@@ -32,11 +32,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 
-from components.config import from_mapping, load_yaml
 from components.data import fashion_mnist
-from components.distill.config import DistillConfig
+from components.distill.config import DistillConfig, load_distill_config
 from components.distill.meta_arch import distill_recipe, objective_for_teacher
 from components.distill.teacher import FrozenTeacher, load_teacher, resolve_mode
 from components.environment import apply_environment
@@ -114,16 +112,9 @@ Mode = Literal["auto", "heads", "features"]
 
 
 def distill_params(root: Path, overrides: list[str]) -> DistillConfig:
-    """params/distill.yaml with ``key=value`` overrides (dotted keys below ``distill``)."""
-    params = load_yaml(root / "params" / "distill.yaml")["distill"]
-    for item in overrides:
-        dotted, _, raw = item.partition("=")
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(raw)
-    return from_mapping(DistillConfig, params, "params/distill.yaml (with --set)")
+    """params/distill.yaml with ``key=value`` overrides (dotted keys below ``distill``), through the same
+    loader as ``dinoflow distill --set``."""
+    return load_distill_config(root / "params" / "distill.yaml", overrides)
 
 
 def validation_data(cfg: EvaluateConfig, state: Path, refs_per_class: int, queries_per_class: int) -> EvalData:

@@ -45,13 +45,53 @@ def _add_engine(parser: argparse.ArgumentParser) -> None:
                              f"(default: {default}, from DINOFLOW_ENGINE or 'prefect')")
 
 
+# The long help of each stage command (the one-line help and the order come from the stage catalog).
+STAGE_DESCRIPTIONS = {
+    "data": "Fetch the real demo images (Debian package dataset-fashion-mnist, scikit-image photos), write one PNG "
+            "per image to the object store, a labels table (parquet) beside them, the local manifest "
+            "data/demo/pool.parquet and metrics/data.json.",
+    "curate": "Ingest a folder or s3:// pool (every file decoded; corrupt ones rejected with a reason), drop exact "
+              "and near duplicates and images that leak evaluation sets, retrieve what is close to curated seed "
+              "sets and balance with hierarchical k-means. Writes the curated manifest, the rejects table, "
+              "metrics/curate.json and pictures (clusters, duplicate groups); rerunning continues an interrupted "
+              "run.",
+    "pretrain": "Train with DINO + iBOT + KoLeo, an EMA teacher and multi-crop on the images of a manifest. "
+                "Rerunning the same command continues from the newest complete checkpoint. For several processes, "
+                "launch it under torchrun with --engine local: torchrun --nproc-per-node N -m flows.cli pretrain "
+                "--engine local. At the end the teacher backbone is exported (safetensors + config.json) and "
+                "registered in MLflow with the alias 'challenger'.",
+    "distill": "Train a small ViT (params 'backbone') from a frozen teacher (params 'teacher.source': "
+               "models:/NAME@ALIAS, models:/NAME/VERSION, a pretraining checkpoint folder, a backbone folder or an "
+               "official .pth) with the DINOv2 distillation recipe: through the teacher's DINO/iBOT heads when it "
+               "has them, else in feature space. Rerunning continues from the newest complete checkpoint; under "
+               "torchrun use --engine local. The student's EMA is exported and registered with the alias "
+               "'challenger' and tags naming its teacher.",
+    "evaluate": "Evaluate a backbone folder or a registry version (models:/NAME@ALIAS, models:/NAME/VERSION) with "
+                "weighted k-NN, the DINOv2 linear grid and logistic regression, next to the same architecture "
+                "untrained and raw pixels. Writes metrics/eval.json and metrics/eval_knn_sweep.json, logs an MLflow "
+                "run and, for a registry version, tags it with the metrics (eval.*).",
+}
+# Shorthand flags users already rely on: each is one --set override.
+STAGE_ALIASES = {"distill": ("--teacher", "teacher.source", "teacher source (same as --set teacher.source=...)"),
+                 "evaluate": ("--model", "model", "backbone folder or models:/ URI (same as --set model=...)")}
+OVERRIDE_HELP = ("override one parameter of the stage's file, e.g. --set objective.optim.base_lr=0.002 "
+                 "(repeatable; the value is YAML, checked like the file)")
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=OVERRIDE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from components.stages.catalog import STAGES, stage_names
+
     parser = argparse.ArgumentParser(prog="dinoflow", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def stage(name: str, help_text: str, description: str, params: str | None, engine: bool,
-              handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, description: str, params: str | None, engine: bool,
+                handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=description)
         _add_common(sub, params)
         if engine:
@@ -59,65 +99,37 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    stage("data", "fetch Fashion-MNIST and bundled photos; write the demo image pool and labels table",
-          "Fetch the real demo images (Debian package dataset-fashion-mnist, scikit-image photos), "
-          "write one PNG per image to the object store, a labels table (parquet) beside them, the local "
-          "manifest data/demo/pool.parquet and metrics/data.json.",
-          "params/data.yaml", True, _cmd_data)
-    stage("curate", "curate a raw image pool: validate, dedup, eval dedup, retrieval, balanced sampling",
-          "Ingest a folder or s3:// pool (every file decoded; corrupt ones rejected with a reason), drop exact and "
-          "near duplicates and images that leak evaluation sets, retrieve what is close to curated seed sets and "
-          "balance with hierarchical k-means. Writes the curated manifest, the rejects table, metrics/curate.json "
-          "and pictures (clusters, duplicate groups); rerunning continues an interrupted run.",
-          "params/curate.yaml", True, _cmd_curate)
-    stage("pretrain", "pretrain a ViT backbone with the DINOv2 recipe; export and register the teacher",
-          "Train with DINO + iBOT + KoLeo, an EMA teacher and multi-crop on the images of a manifest. "
-          "Rerunning the same command continues from the newest complete checkpoint. For several processes, "
-          "launch it under torchrun with --engine local: torchrun --nproc-per-node N -m flows.cli pretrain "
-          "--engine local. At the end the teacher backbone is exported (safetensors + config.json) and "
-          "registered in MLflow with the alias 'challenger'.",
-          "params/pretrain.yaml", True, _cmd_pretrain)
-    distill = stage(
-        "distill", "distill a frozen teacher into a smaller student; export and register the student's EMA",
-        "Train a small ViT (params 'backbone') from a frozen teacher (params 'teacher.source': models:/NAME@ALIAS, "
-        "models:/NAME/VERSION, a pretraining checkpoint folder, a backbone folder or an official .pth) with the "
-        "DINOv2 distillation recipe: through the teacher's DINO/iBOT heads when it has them, else in feature space. "
-        "Rerunning continues from the newest complete checkpoint; under torchrun use --engine local. The student's "
-        "EMA is exported and registered with the alias 'challenger' and tags naming its teacher.",
-        "params/distill.yaml", True, _cmd_distill)
-    distill.add_argument("--teacher", default=None,
-                         help="teacher source, overriding the params file's teacher.source")
-    evaluate = stage(
-        "evaluate", "k-NN and linear probes of a frozen backbone on Fashion-MNIST, against baselines",
-        "Evaluate a backbone folder or a registry version (models:/NAME@ALIAS, models:/NAME/VERSION) "
-        "with weighted k-NN, the DINOv2 linear grid and logistic regression, next to the same architecture "
-        "untrained and raw pixels. Writes metrics/eval.json and metrics/eval_knn_sweep.json, logs an MLflow run "
-        "and, for a registry version, tags it with the metrics (eval.*).",
-        "params/evaluate.yaml", True, _cmd_evaluate)
-    evaluate.add_argument("--model", default=None,
-                          help="backbone folder or models:/ URI, overriding the params file's 'model'")
-    promote = stage(
+    for stage in STAGES:
+        sub = command(stage.name, stage.summary, STAGE_DESCRIPTIONS[stage.name], stage.params, True, _cmd_stage)
+        _add_overrides(sub)
+        if stage.name in STAGE_ALIASES:
+            flag, _key, help_text = STAGE_ALIASES[stage.name]
+            sub.add_argument(flag, dest="alias_value", default=None, help=help_text)
+        sub.set_defaults(stage=stage.name)
+    promote = command(
         "promote", "evaluate champion and challenger of a registered model; move 'champion' by policy",
         "Evaluate the versions behind the aliases champion and challenger (params evaluate.promotion and "
         "evaluate.schedule), apply the promotion policy and tag both versions (promotion.*). A failed evaluation "
         "moves no alias. --serve runs it on the cron schedule from params with Prefect's flow.serve.",
         "params/evaluate.yaml", True, _cmd_promote)
+    _add_overrides(promote)
     promote.add_argument("--model-name", default=None,
                          help="registered model (default: evaluate.schedule.model_name)")
     promote.add_argument("--serve", action="store_true",
                          help="serve the scheduled-evaluation flow on its cron schedule (blocks)")
-    stage("pipeline", "run every stage in order as one Prefect flow (the demo pipeline)",
-          "Run all stages (currently: data, pretrain, evaluate) as sub-flows of one Prefect 'pipeline' "
-          "flow, on the embedded Prefect API unless PREFECT_API_URL is set. Each stage logs an MLflow run.",
-          None, False, _cmd_pipeline)
-    stage("report", "print the evaluation table (model vs baselines), registered models and how to open the UIs",
-          "Read metrics/eval.json (the evaluate stage's DVC metrics), print the model against its baselines as a "
-          "table, the registered models with their aliases, and the commands that open the MLflow and Prefect UIs.",
-          "params/evaluate.yaml", False, _cmd_report)
-    stage("info", "show where state, objects, runs and flows go (resolved from params and environment)",
-          "Print the resolved state folder, object store URI, MLflow tracking URI and Prefect API "
-          "as JSON. Credentials are never printed.",
-          None, False, _cmd_info)
+    order = ", ".join(stage_names())
+    command("pipeline", "run every stage in order as one Prefect flow (the demo pipeline)",
+            f"Run all stages ({order}) as sub-flows of one Prefect 'pipeline' flow, on the embedded Prefect API "
+            "unless PREFECT_API_URL is set. Each stage logs an MLflow run.",
+            None, False, _cmd_pipeline)
+    command("report", "print the evaluation table (model vs baselines), registered models and how to open the UIs",
+            "Read metrics/eval.json (the evaluate stage's DVC metrics), print the model against its baselines as a "
+            "table, the registered models with their aliases, and the commands that open the MLflow and Prefect "
+            "UIs.", "params/evaluate.yaml", False, _cmd_report)
+    command("info", "show where state, objects, runs and flows go (resolved from params and environment)",
+            "Print the resolved state folder, object store URI, MLflow tracking URI and Prefect API "
+            "as JSON. Credentials are never printed.",
+            None, False, _cmd_info)
     add_model_commands(commands)
     return parser
 
@@ -142,99 +154,26 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _cmd_data(args: argparse.Namespace) -> int:
-    if args.engine == "local":
-        from components.stages.context import make_context
-        from components.stages.data import load_data_config, run_data
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items, then the stage's shorthand flag (``--teacher`` / ``--model``) as one more."""
+    from flows.common import with_alias
 
-        context = make_context(args.project)
-        result = run_data(context, load_data_config(context.root / args.params))
-        outputs: dict[str, object] = {"manifest": str(result.manifest_path), "labels_uri": result.labels_uri,
-                                      "counts": result.counts}
-    else:
-        from flows.data import data_flow
-
-        outputs = data_flow(params=args.params, project_params=args.project)
-    return _emit(outputs)
+    alias = STAGE_ALIASES.get(getattr(args, "stage", ""), (None, None, None))[1]
+    return with_alias(list(args.overrides), alias, getattr(args, "alias_value", None)) if alias \
+        else list(args.overrides)
 
 
-def _cmd_curate(args: argparse.Namespace) -> int:
-    if args.engine == "local":
-        from components.stages.context import make_context
-        from components.stages.curate import load_curate_config, run_curate
-
-        context = make_context(args.project)
-        out = run_curate(context, load_curate_config(context.root / args.params))
-        outputs: dict[str, object] = {"manifest": str(out.manifest_path), "rejects": str(out.rejects_path),
-                                      "mlflow_run_id": out.run_id, "steps": out.stats["steps"]}
-    else:
-        from flows.curate import curate_flow
-
-        outputs = curate_flow(params=args.params, project_params=args.project)
-    return _emit(outputs)
-
-
-def _cmd_pretrain(args: argparse.Namespace) -> int:
+def _cmd_stage(args: argparse.Namespace) -> int:
+    """Any stage: in this process (``run_stage``) or as its Prefect flow; either way its ``summary()``."""
+    overrides = _overrides(args)
     if _in_process(args):
-        from components.stages.context import make_context
-        from components.stages.pretrain import load_pretrain_config, run_pretrain
+        from components.stages.catalog import run_stage
 
-        context = make_context(args.project)
-        out = run_pretrain(context, load_pretrain_config(context.root / args.params))
-        if not _is_main_rank():
-            return 0
-        outputs: dict[str, object] = {"end_step": out.result.end_step, "total_steps": out.result.total_steps,
-                                      "backbone_dir": str(out.backbone_dir) if out.backbone_dir else None,
-                                      "mlflow_run_id": out.run_id, "model_version": out.model_version}
-    else:
-        from flows.pretrain import pretrain_flow
+        outputs = run_stage(args.stage, args.params, args.project, overrides)
+        return _emit(outputs.summary()) if _is_main_rank() else 0
+    from flows.pipeline import STAGE_FLOWS
 
-        outputs = pretrain_flow(params=args.params, project_params=args.project)
-    return _emit(outputs)
-
-
-def _cmd_distill(args: argparse.Namespace) -> int:
-    if _in_process(args):
-        from components.stages.context import make_context
-        from components.stages.distill import load_distill_config, run_distill
-
-        context = make_context(args.project)
-        cfg = load_distill_config(context.root / args.params)
-        if args.teacher:
-            cfg.teacher.source = args.teacher
-        out = run_distill(context, cfg)
-        if not _is_main_rank():
-            return 0
-        outputs: dict[str, object] = {"end_step": out.result.end_step, "total_steps": out.result.total_steps,
-                                      "mode": out.mode, "teacher_uri": out.teacher.uri,
-                                      "teacher_version": out.teacher.version,
-                                      "backbone_dir": str(out.backbone_dir) if out.backbone_dir else None,
-                                      "mlflow_run_id": out.run_id, "model_version": out.model_version}
-    else:
-        from flows.distill import distill_flow
-
-        outputs = distill_flow(params=args.params, project_params=args.project, teacher=args.teacher)
-    return _emit(outputs)
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.engine == "local":
-        from components.stages.context import make_context
-        from components.stages.evaluate import load_evaluate_config, run_evaluate
-
-        context = make_context(args.project)
-        cfg = load_evaluate_config(context.root / args.params)
-        if args.model:
-            cfg.model = args.model
-        out = run_evaluate(context, cfg)
-        outputs: dict[str, object] = {"model": out.model.uri, "model_version": out.model.version,
-                                      "mlflow_run_id": out.run_id, "metrics_path": str(out.metrics_path),
-                                      "metrics": out.metrics}
-    else:
-        from flows.evaluate import evaluate_flow
-
-        outputs = evaluate_flow(params=args.params, project_params=args.project, model=args.model)
-    return _emit(outputs)
+    return _emit(STAGE_FLOWS[args.stage](params=args.params, project_params=args.project, overrides=overrides))
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -242,11 +181,11 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     from components.stages.evaluate import load_evaluate_config, run_promotion
 
     context = make_context(args.project)
-    cfg = load_evaluate_config(context.root / args.params)
+    cfg = load_evaluate_config(context.root / args.params, args.overrides)
     if args.serve:
         from flows.scheduled_evaluation import serve
 
-        serve(args.params, args.project)
+        serve(args.params, args.project, args.overrides)
         return 0
     if args.engine == "local":
         outputs: object = run_promotion(context, cfg, args.model_name).summary()
@@ -254,7 +193,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
         from flows.scheduled_evaluation import scheduled_evaluation
 
         outputs = scheduled_evaluation(model_name=args.model_name or cfg.schedule.model_name,
-                                       params=args.params, project_params=args.project)
+                                       params=args.params, project_params=args.project, overrides=args.overrides)
     return _emit(outputs)
 
 

@@ -89,16 +89,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def export_model(args: argparse.Namespace) -> int:
+    from components.registry.resolve import resolve
+
     model = str(args.model)
-    if model.startswith("models:/"):
-        from components.registry.resolve import resolve_model_uri
-
-        state = point_mlflow_at_project(args.project)
-        backbone_dir = resolve_model_uri(model, state / "cache" / "models").backbone_dir
-    else:
-        from components.registry.resolve import find_backbone_dir
-
-        backbone_dir = find_backbone_dir(Path(model))
+    state = point_mlflow_at_project(args.project)
+    backbone_dir = resolve(model, Path.cwd(), state / "cache" / "models").require_backbone_dir()
     out = Path(args.out)
     result: dict[str, object] = {"model": model, "backbone_dir": str(backbone_dir), "format": args.format}
     if args.format == "hf":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 
@@ -13,6 +14,11 @@ def prefect_tags() -> dict[str, str]:
     if not run_id:
         return {}
     return {"prefect.flow_run_id": str(run_id), "prefect.flow_run_name": str(flow_run.get_name() or "")}
+
+
+def with_alias(overrides: list[str] | None, key: str, value: str | None) -> list[str]:
+    """``overrides`` plus ``key=value`` when a shorthand flag (``--teacher``, ``--model``) gave a value."""
+    return [*(overrides or []), *([f"{key}={json.dumps(value)}"] if value else [])]  # quoted: always a string
 
 
 def markdown_table(rows: Mapping[str, object], key_header: str = "key", value_header: str = "value") -> str:

@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.tasks import exponential_backoff
 
-from components.stages.context import make_context
-from components.stages.evaluate import EvaluateOutputs, load_evaluate_config, run_evaluate
-from flows.common import prefect_tags
+from flows.common import with_alias
+from flows.stage_task import io_stage_task
 
 BASELINES = ("random_init", "random_no_layerscale", "pixels")
-
-
-@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), log_prints=True)
-def evaluate_task(params: str, project_params: str, model: str | None) -> dict[str, object]:
-    """Evaluate the configured (or given) model; returns metrics and ids, not features.
-
-    Retried with backoff (registry downloads, dataset fetch); extracted features are cached, so a retry
-    recomputes little."""
-    context = make_context(project_params, extra_tags=prefect_tags())
-    cfg = load_evaluate_config(context.root / params)
-    if model:
-        cfg.model = model
-    out = run_evaluate(context, cfg)
-    return evaluation_summary(out)
-
-
-def evaluation_summary(out: EvaluateOutputs) -> dict[str, object]:
-    """What a flow returns and reports: metrics and ids (no features), the champion's numbers if any."""
-    champion = None if out.champion is None else {"version": out.champion.version, "metrics": out.champion.metrics}
-    return {"model": out.model.uri, "model_version": out.model.version, "mlflow_run_id": out.run_id,
-            "metrics_path": str(out.metrics_path), "metrics": out.metrics, "champion": champion}
 
 
 def comparison_table(metrics: dict[str, float], champion: dict[str, float] | None = None) -> str:
@@ -59,9 +36,14 @@ def evaluation_markdown(outputs: dict[str, object]) -> str:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(params: str = "params/evaluate.yaml", project_params: str = "params/project.yaml",
-                  model: str | None = None) -> dict[str, object]:
+                  model: str | None = None, overrides: list[str] | None = None) -> dict[str, object]:
+    """Evaluate the configured (or given) model; ``model`` is short for ``overrides=["model=..."]``.
+
+    Retried with backoff (registry downloads, dataset fetch); extracted features are cached, so a retry
+    recomputes little."""
     logger = get_run_logger()
-    outputs = evaluate_task(params, project_params, model)
+    overrides = with_alias(overrides, "model", model)
+    outputs = io_stage_task.with_options(name="evaluate")("evaluate", params, project_params, overrides)
     metrics = outputs["metrics"]
     assert isinstance(metrics, dict)
     logger.info("evaluate %s: k-NN top-1 (k=20) %s", outputs["model"], metrics.get("knn_top1_k20"))

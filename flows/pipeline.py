@@ -1,6 +1,7 @@
-"""The whole pipeline as one Prefect flow: each stage runs as a sub-flow, in order.
+"""The whole pipeline as one Prefect flow: each stage runs as a sub-flow, in the catalog's order.
 
-Each stage is the same components function its DVC stage command calls. One MLflow parent run
+The order is components/stages/catalog.py's ``STAGES`` (dvc.yaml agrees; a test checks it). Each
+stage is the same components function its DVC stage command calls. One MLflow parent run
 ("pipeline") groups the stage runs: they become its children through DINOFLOW_PARENT_RUN_ID, and the
 parent carries the Prefect flow-run id, the code version and, at the end, each stage's outcome.
 """
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from components.stages.catalog import STAGES
 from components.stages.context import make_context
 from components.tracking import pipeline_run
 from flows.common import markdown_table, mlflow_run_url, prefect_tags
@@ -23,14 +25,9 @@ from flows.pretrain import pretrain_flow
 
 StageFlow = Callable[..., dict[str, object]]
 
-# (stage name, flow, params file) in the order of dvc.yaml.
-STAGES: tuple[tuple[str, StageFlow, str], ...] = (
-    ("data", data_flow, "params/data.yaml"),
-    ("curate", curate_flow, "params/curate.yaml"),
-    ("pretrain", pretrain_flow, "params/pretrain.yaml"),
-    ("distill", distill_flow, "params/distill.yaml"),
-    ("evaluate", evaluate_flow, "params/evaluate.yaml"),
-)
+# The Prefect flow of each catalog stage (tests/test_stage_catalog.py checks every stage has one).
+STAGE_FLOWS: dict[str, StageFlow] = {"data": data_flow, "curate": curate_flow, "pretrain": pretrain_flow,
+                                     "distill": distill_flow, "evaluate": evaluate_flow}
 
 
 @flow(name="pipeline", log_prints=True)
@@ -39,14 +36,14 @@ def pipeline_flow(project_params: str = "params/project.yaml") -> dict[str, obje
     context = make_context(project_params, extra_tags=prefect_tags())
     results: dict[str, object] = {}
     with pipeline_run(context.tracking, context.tags) as parent_run_id:
-        for name, stage_flow, params in STAGES:
-            results[name] = stage_flow(params=params, project_params=project_params)
+        for stage in STAGES:
+            results[stage.name] = STAGE_FLOWS[stage.name](params=stage.params, project_params=project_params)
         results["mlflow_parent_run_id"] = parent_run_id
-    logger.info("pipeline finished stages: %s (MLflow parent run %s)", ", ".join(n for n, _, _ in STAGES),
-                parent_run_id)
+    names = [stage.name for stage in STAGES]
+    logger.info("pipeline finished stages: %s (MLflow parent run %s)", ", ".join(names), parent_run_id)
     create_markdown_artifact(
         key="pipeline", description="Pipeline run",
-        markdown="## Pipeline\n\n" + markdown_table({n: "done" for n, _, _ in STAGES}, "stage", "status")
+        markdown="## Pipeline\n\n" + markdown_table({n: "done" for n in names}, "stage", "status")
         + f"\n\nMLflow parent run (a child run per stage): [{parent_run_id}]({mlflow_run_url(parent_run_id)})\n",
     )
     return results

@@ -1,21 +1,17 @@
 """Scheduled champion / challenger evaluation: evaluate both aliases, apply the promotion policy.
 
-Run once: ``python -m flows.scheduled_evaluation --once``. Serve on the params' cron schedule from this
-machine (a long-running process; Ctrl-C stops it): ``python -m flows.scheduled_evaluation``. Deploy to a
-work pool instead: ``prefect deploy --name scheduled-evaluation`` with the repository's prefect.yaml.
+Run once: ``dinoflow promote``. Serve on the params' cron schedule from this machine (a long-running
+process; Ctrl-C stops it): ``dinoflow promote --serve``. Deploy to a work pool instead:
+``prefect deploy --name scheduled-evaluation`` with the repository's prefect.yaml.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
-
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from components.evaluate.config import load_evaluate_config
 from components.stages.context import make_context
-from components.stages.evaluate import EvaluationFailed, run_promotion
+from components.stages.evaluate import EvaluationFailed, load_evaluate_config, run_promotion
 from flows.common import prefect_tags
 from flows.evaluate import comparison_table
 
@@ -23,10 +19,11 @@ FLOW_NAME = "scheduled-evaluation"
 
 
 @task(log_prints=True)
-def promotion_task(model_name: str, params: str, project_params: str) -> dict[str, object]:
+def promotion_task(model_name: str, params: str, project_params: str,
+                   overrides: list[str] | None = None) -> dict[str, object]:
     """One champion / challenger round; returns the decision and numbers, not features."""
     context = make_context(project_params, extra_tags=prefect_tags())
-    cfg = load_evaluate_config(context.root / params)
+    cfg = load_evaluate_config(context.root / params, overrides or [])
     return run_promotion(context, cfg, model_name).summary()
 
 
@@ -50,14 +47,15 @@ def decision_markdown(summary: dict[str, object]) -> str:
 
 @flow(name=FLOW_NAME, log_prints=True)
 def scheduled_evaluation(model_name: str = "dinoflow-backbone", params: str = "params/evaluate.yaml",
-                         project_params: str = "params/project.yaml") -> dict[str, object]:
+                         project_params: str = "params/project.yaml",
+                         overrides: list[str] | None = None) -> dict[str, object]:
     """Evaluate the ``champion`` and ``challenger`` versions of ``model_name`` (an absent alias is
     skipped; features come from the cache when the weights were seen before), apply the promotion
     policy of ``params`` (section ``evaluate.promotion``) and report the decision as an artifact.
     A failed evaluation fails the run and moves no alias."""
     logger = get_run_logger()
     try:
-        summary = promotion_task(model_name, params, project_params)
+        summary = promotion_task(model_name, params, project_params, overrides)
     except EvaluationFailed as exc:
         create_markdown_artifact(key="promotion", description="Champion / challenger decision",
                                  markdown=f"## Champion / challenger: `{model_name}`\n\n**evaluation failed**: "
@@ -71,34 +69,16 @@ def scheduled_evaluation(model_name: str = "dinoflow-backbone", params: str = "p
     return summary
 
 
-def serve(params: str = "params/evaluate.yaml", project_params: str = "params/project.yaml") -> None:
+def serve(params: str = "params/evaluate.yaml", project_params: str = "params/project.yaml",
+          overrides: list[str] | None = None) -> None:
     """Serve the flow from this process on the cron of ``params`` (``evaluate.schedule``), against the
     configured Prefect API (the embedded, project-local one unless PREFECT_API_URL is set)."""
-    cfg = load_evaluate_config(make_context(project_params).root / params)
+    cfg = load_evaluate_config(make_context(project_params).root / params, overrides or [])
     schedule = cfg.schedule
     scheduled_evaluation.serve(
         name=schedule.deployment, cron=schedule.cron,
-        parameters={"model_name": schedule.model_name, "params": params, "project_params": project_params},
+        parameters={"model_name": schedule.model_name, "params": params, "project_params": project_params,
+                    "overrides": overrides or []},
         tags=["dinoflow", "evaluation"],
         description="Nightly champion / challenger evaluation and promotion of the registered backbone",
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params/evaluate.yaml")
-    parser.add_argument("--project", default="params/project.yaml")
-    parser.add_argument("--model-name", default=None, help="registered model (default: evaluate.schedule.model_name)")
-    parser.add_argument("--once", action="store_true", help="run one round now instead of serving the schedule")
-    args = parser.parse_args(argv)
-    if args.once:
-        cfg = load_evaluate_config(make_context(args.project).root / args.params)
-        name = args.model_name or cfg.schedule.model_name
-        scheduled_evaluation(model_name=name, params=args.params, project_params=args.project)
-    else:
-        serve(args.params, args.project)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -54,7 +54,11 @@ def pool_files(with_broken_link: bool = True) -> dict[str, bytes | None]:
         "a/notes.jpg": b"this is a plain text file, not a JPEG\n" * 5,
         "a/cut.jpg": photo_jpeg[: len(photo_jpeg) // 2],
         "a/cut.png": encode(noise(64, 64, 5), "PNG")[:600],
-        "a/really-jpeg.png": encode(noise(24, 24, 6), "JPEG"),
+        "a/really-jpeg.png": encode(noise(24, 24, 6), "JPEG"),  # kept: the format comes from the bytes
+        "a/really-png.jpg": encode(noise(20, 28, 11), "PNG"),  # kept, with extension_mismatch
+        "a/cut-jpeg.png": encode(noise(40, 40, 12), "JPEG")[:700],  # a cut JPEG is truncated under any name
+        "a/header-only.png": encode(noise(16, 16, 13), "PNG")[:33],  # signature + IHDR, nothing after
+        "a/random.jpg": np.random.default_rng(14).bytes(2000),  # no image format at all
         "a/huge.png": encode(np.zeros((200, 200), dtype=np.uint8), "PNG"),  # 40,000 px > MAX_PIXELS
         "a/tiny.png": encode(noise(4, 4, 7), "PNG"),
         "a/readme.txt": b"not part of the pool\n",
@@ -75,14 +79,18 @@ EXPECTED_REASONS = {
     "a/notes.jpg": "not_an_image",
     "a/cut.jpg": "truncated",
     "a/cut.png": "truncated",
-    "a/really-jpeg.png": "wrong_extension",
+    "a/cut-jpeg.png": "truncated",
+    "a/header-only.png": "truncated",
+    "a/random.jpg": "not_an_image",
     "a/huge.png": "decompression_bomb",
     "a/tiny.png": "too_small",
     "a/readme.txt": "unsupported_extension",
     "a/no-extension": "unsupported_extension",
     "a/gone.png": "unreadable",
 }
-EXPECTED_KEPT = {"a/cat.png", "a/dog.JPG", "a/gray.png", "a/nested/deeper/bird.jpeg"}
+EXPECTED_KEPT = {"a/cat.png", "a/dog.JPG", "a/gray.png", "a/nested/deeper/bird.jpeg", "a/really-jpeg.png",
+                 "a/really-png.jpg"}
+MISMATCHED = {"a/really-jpeg.png": "JPEG", "a/really-png.jpg": "PNG"}  # kept although the name says otherwise
 
 
 def write_pool(root: Path, files: dict[str, bytes | None]) -> Path:
@@ -120,11 +128,15 @@ def test_every_file_is_kept_or_rejected_with_its_reason(pool: Path) -> None:
     assert result.kept.schema == KEPT_SCHEMA and result.rejected.schema == REJECTED_SCHEMA
 
     steps = result.stats["steps"]
-    assert steps == {"listed": 16, "valid": 6, "kept": 4, "rejected": 12}
+    assert steps == {"listed": 20, "valid": 8, "kept": 6, "rejected": 14}
     assert steps["listed"] == steps["kept"] + steps["rejected"]
+    assert set(result.kept["key"]) | set(result.rejected["key"]) == set(EXPECTED_KEPT) | set(EXPECTED_REASONS)
+    assert result.rejected["reason"].is_not_null().all() and result.rejected["message"].str.len_chars().min() > 0
     assert result.stats["rejected_by_reason"]["exact_duplicate"] == 2
-    assert result.stats["rejected_by_reason"]["truncated"] == 2
-    assert result.stats["kept_by_format"] == {"JPEG": 2, "PNG": 2}
+    assert result.stats["rejected_by_reason"]["truncated"] == 4
+    assert result.stats["kept_by_format"] == {"JPEG": 3, "PNG": 3}
+    assert result.stats["kept_extension_mismatch"] == 2
+    assert "wrong_extension" not in result.stats["rejected_by_reason"]  # retired: such files are kept
 
 
 def test_kept_rows_describe_the_decoded_images(pool: Path) -> None:
@@ -136,6 +148,12 @@ def test_kept_rows_describe_the_decoded_images(pool: Path) -> None:
     assert cat["uri"] == (pool / "a/cat.png").resolve().as_uri()
     assert cat["id"] == cat["sha256"][:24]
     assert rows["a/gray.png"]["mode"] == "L"
+    for key, row in rows.items():  # the format is decided from the bytes; the name only sets the flag
+        assert row["extension_mismatch"] is (key in MISMATCHED), key
+    for key, fmt in MISMATCHED.items():
+        assert rows[key]["format"] == fmt
+        assert Image.open(pool / key).format == fmt
+    assert (rows["a/really-png.jpg"]["width"], rows["a/really-png.jpg"]["height"]) == (28, 20)
     assert kept["id"].n_unique() == kept.height
     assert kept["key"].to_list() == sorted(kept["key"])
 
@@ -143,8 +161,10 @@ def test_kept_rows_describe_the_decoded_images(pool: Path) -> None:
 def test_rejections_carry_what_was_learnt(pool: Path) -> None:
     rejected = ingest_pool(config(str(pool))).rejected
     rows = {row["key"]: row for row in rejected.iter_rows(named=True)}
-    assert rows["a/really-jpeg.png"]["format"] == "JPEG"  # the real format is recorded
-    assert "JPEG" in rows["a/really-jpeg.png"]["message"]
+    # a truncated file records the format its bytes start with, whatever its name
+    assert rows["a/cut-jpeg.png"]["format"] == "JPEG" and rows["a/cut.jpg"]["format"] == "JPEG"
+    assert rows["a/header-only.png"]["format"] == "PNG" and "PNG" in rows["a/header-only.png"]["message"]
+    assert rows["a/random.jpg"]["format"] is None and rows["a/notes.jpg"]["format"] is None
     assert "40000 pixels" in rows["a/huge.png"]["message"]  # Pillow refuses it before decoding anything
     kept_dog = (pool / "a/dog.JPG").resolve().as_uri()
     for key in ("b/copy-of-dog.jpg", "z/again-dog.jpeg"):
@@ -191,7 +211,8 @@ def test_outputs_are_written_atomically(pool: Path, tmp_path: Path, monkeypatch:
 
 def test_report_is_a_readable_markdown_table(pool: Path) -> None:
     text = stats_markdown(ingest_pool(config(str(pool))).stats)
-    assert "| listed | 16 | 100.0% |" in text
+    assert "| listed | 20 | 100.0% |" in text
+    assert "Kept with an extension that names another format: 2." in text
     assert "| `exact_duplicate` | 2 |" in text
     assert all(f"`{code}`" in text for code in REASONS)
 
@@ -205,6 +226,16 @@ def test_missing_local_pool_is_an_error_not_an_empty_pool(tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError):
         ingest_pool(config(str(tmp_path / "nope")))
     assert not (tmp_path / "nope").exists()
+
+
+def test_a_format_that_is_not_accepted_is_not_an_image_whatever_the_name(pool: Path) -> None:
+    result = ingest_pool(config(str(pool), extensions=["png"]))  # JPEG is not accepted now
+    rows = {row["key"]: row for row in result.rejected.iter_rows(named=True)}
+    assert rows["a/really-jpeg.png"]["reason"] == "not_an_image" and rows["a/really-jpeg.png"]["format"] == "JPEG"
+    assert rows["a/cut-jpeg.png"]["reason"] == "not_an_image"  # a cut JPEG is no truncated PNG
+    assert rows["a/header-only.png"]["reason"] == "truncated"
+    assert set(result.kept["key"]) == {"a/cat.png", "a/gray.png"}
+    assert result.stats["steps"]["listed"] == result.kept.height + result.rejected.height
 
 
 def test_unknown_extension_in_config_is_rejected(pool: Path) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from components.data import fashion_mnist
 from components.data.demo_pool import DemoDataConfig, FashionMnistConfig, build_demo_pool
 from components.data.idx import IdxFormatError, parse_idx, read_idx_gz
-from components.storage import LocalObjectStore, read_uri
+from components.storage import LocalObjectStore, StoreLocator
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -107,7 +107,8 @@ def test_demo_pool_layout(fmnist_dir: Path, tmp_path: Path) -> None:
     assert pl.read_parquet(io.BytesIO(store.read("pool/demo/labels.parquet"))).equals(frame)
 
     row = frame.filter(pl.col("split") == "test").row(0, named=True)
-    image = Image.open(io.BytesIO(read_uri(row["uri"])))
+    assert (frame["uri"] == frame["key"]).all()  # a key of the store, never this checkout's absolute path
+    image = Image.open(io.BytesIO(StoreLocator.for_store(store).read(row["uri"])))
     assert image.size == (28, 28) and image.mode == "L"
     index = int(row["id"].rsplit("-", 1)[1])
     expected = fashion_mnist.load_split(fmnist_dir, "test")

@@ -238,8 +238,8 @@ def register_teacher(tiny_teacher: TinyTeacher, root: Path, name: str) -> str:
     """Log a run with the tiny teacher's backbone and checkpoint artifacts and register it, as pretrain does."""
     import mlflow
 
+    from components.registry.publish import register_backbone as register
     from components.stages.context import make_context
-    from components.stages.pretrain import register
     from components.tracking.mlflow_setup import configure
     from components.train.checkpoint import latest_checkpoint
 

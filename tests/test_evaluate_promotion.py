@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.evaluate.champion import champion_metrics, metrics_from_tags
 from components.evaluate.config import EvaluateConfig, LinearConfig, LogregConfig
-from components.evaluate.promotion import PromotionPolicy, apply_decision, decide
+from components.evaluate.promotion import PromotionPolicy, decide
 from components.models import BackboneConfig, build_backbone
 from components.models.export import save_backbone
+from components.registry.promotion import apply_decision, champion_metrics, metrics_from_tags
+from components.registry.publish import register_backbone as register
 from components.stages.context import StageContext, make_context
 from components.stages.evaluate import EvaluationFailed, run_evaluate, run_promotion
-from components.stages.pretrain import register
 from components.tracking.mlflow_setup import configure
 
 ARCH = BackboneConfig(arch="vit_pico", patch_size=4, img_size=28)
@@ -233,7 +233,7 @@ def test_champion_metrics_read_back_from_eval_tags(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_evaluating_a_folder_shows_the_champion_column(tmp_path: Path) -> None:
-    from flows.evaluate import evaluation_markdown, evaluation_summary
+    from flows.evaluate import evaluation_markdown
 
     context = project(tmp_path)
     name = f"test-column-{uuid.uuid4().hex[:8]}"
@@ -243,7 +243,7 @@ def test_evaluating_a_folder_shows_the_champion_column(tmp_path: Path) -> None:
     cfg.model = str(save_tiny(tmp_path / "candidate", seed=7))
     outputs = run_evaluate(context, cfg)
     assert outputs.champion is not None and outputs.champion.metrics["knn_top1_k20"] == pytest.approx(0.1)
-    markdown = evaluation_markdown(evaluation_summary(outputs))
+    markdown = evaluation_markdown(outputs.summary())
     assert "| metric | model | champion |" in markdown
     row = next(line for line in markdown.splitlines() if line.startswith("| knn_top1_k20 |"))
     assert row.endswith("| 0.1000 |")

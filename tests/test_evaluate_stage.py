@@ -14,13 +14,13 @@ from components.evaluate.config import (
     LinearConfig,
     LogregConfig,
     load_evaluate_config,
-    parse_registry_uri,
 )
 from components.models import BackboneConfig, build_backbone
 from components.models.export import save_backbone
+from components.registry.publish import register_backbone as register
+from components.registry.uri import parse_source
 from components.stages.context import make_context
 from components.stages.evaluate import run_evaluate
-from components.stages.pretrain import register
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "test-evaluate-backbone"
@@ -83,10 +83,10 @@ def test_enabled_suites_add_metrics_and_pictures(tmp_path: Path) -> None:
 
 
 def test_registry_uris_parse_and_bad_ones_are_refused(tmp_path: Path) -> None:
-    assert parse_registry_uri("models:/a-b@champion").alias == "champion"
-    assert parse_registry_uri("models:/a-b/3").version == "3"
+    assert parse_source("models:/a-b@champion").alias == "champion"
+    assert parse_source("models:/a-b/3").version == "3"
     with pytest.raises(ValueError, match="NAME@ALIAS"):
-        parse_registry_uri("models:/only-a-name")
+        parse_source("models:/only-a-name")
     bad = tmp_path / "bad.yaml"
     bad.write_text("evaluate:\n  model: models:/x/latest\n")
     with pytest.raises(ConfigError, match="NAME@ALIAS"):

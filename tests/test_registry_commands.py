@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from components.models import BackboneConfig, build_backbone, load
+from components.models import BackboneConfig, build_backbone
 from components.models.export import save_backbone
+from components.registry import load
+from components.registry.publish import log_backbone_pyfunc
+from components.registry.publish import register_backbone as register
 from components.registry.resolve import resolve_model_uri
-from components.serving import log_backbone_pyfunc
-from components.stages.pretrain import register
 from flows.cli_models import add_model_commands
 
 NAME = "registry-test-backbone"
@@ -140,7 +141,7 @@ def test_load_and_resolve_registry_versions(tracking: Registry, tmp_path: Path) 
     x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     for uri, kind in ((f"models:/{NAME}@challenger", "backbone"), (f"models:/{NAME}/2", "pyfunc")):
         resolved = resolve_model_uri(uri, tmp_path / "cache")
-        assert resolved.kind == kind and resolved.name == NAME
+        assert resolved.layout == kind and resolved.name == NAME
         bundle = load(uri, cache_dir=tmp_path / "cache")
         assert bundle.mean == (0.4,) * 3 and bundle.metadata["registry"]["version"] == resolved.version
         with torch.no_grad():

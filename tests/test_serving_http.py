@@ -26,9 +26,11 @@ from skimage import data as skdata
 from skimage.transform import resize
 
 from components.environment import quiet_offline_defaults
-from components.models import BackboneConfig, build_backbone, load
+from components.models import BackboneConfig, build_backbone
 from components.models.export import save_backbone
-from components.serving import EmbedOptions, embed_images, log_backbone_pyfunc
+from components.registry import load
+from components.registry.publish import log_backbone_pyfunc
+from components.serving import EmbedOptions, embed_images
 
 NAME = "serving-test-backbone"
 MEAN, STD = (0.45, 0.42, 0.4), (0.22, 0.23, 0.24)
@@ -138,7 +140,11 @@ def test_mlflow_models_serve_over_http(served: Served, tmp_path: Path) -> None:
     try:
         wait_for_ping(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log")
         images = photos()
-        expected = embed_images(load(served.model_uri, cache_dir=tmp_path / "cache"), list(images / 255.0),
+        from mlflow import MlflowClient
+
+        registry = MlflowClient(tracking_uri=served.tracking_uri, registry_uri=served.tracking_uri)
+        expected = embed_images(load(served.model_uri, cache_dir=tmp_path / "cache", client=registry),
+                                list(images / 255.0),
                                 EmbedOptions(avgpool=True))
         # 1. the arrays themselves (JSON integers)
         answer = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": images.tolist()})

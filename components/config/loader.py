@@ -7,10 +7,11 @@ expected; bools are never accepted as numbers (YAML's ``yes`` must not become 1)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,8 +40,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], path: str | Path, section: str | None = None) -> T:
-    """Build ``cls`` from the YAML file at ``path`` (optionally from one top-level ``section``)."""
+def load_config(cls: type[T], path: str | Path, section: str | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from the YAML file at ``path`` (optionally from one top-level ``section``).
+
+    ``overrides`` are ``key.path=value`` strings (the command line's ``--set``) applied to the file's
+    mapping before it is typed, so an override is parsed (YAML) and validated exactly like the file."""
     data: Any = load_yaml(path)
     where = str(path)
     if section is not None:
@@ -48,7 +53,41 @@ def load_config(cls: type[T], path: str | Path, section: str | None = None) -> T
             raise ConfigError(f"{where}: missing section '{section}'")
         data = data[section]
         where = f"{where}:{section}"
+    if overrides:
+        data = apply_overrides(data if isinstance(data, Mapping) else {}, overrides, where)
+        where = f"{where} with --set {' '.join(overrides)}"
     return from_mapping(cls, data, where)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"objective.optim.base_lr=0.002"`` -> (["objective", "optim", "base_lr"], 0.002); the value is YAML."""
+    key, sep, raw = item.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. objective.optim.base_lr=0.002")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from exc
+    return keys, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], where: str = "<params>") -> dict[str, Any]:
+    """A deep copy of ``data`` with every override set (later ones win); intermediate mappings are created."""
+    out: dict[str, Any] = copy.deepcopy(dict(data))
+    for item in overrides:
+        keys, value = parse_override(item)
+        node: Any = out
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{where}: --set {item!r}: '{'.'.join(keys[:depth + 1])}' is a value, "
+                                  "not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
 
 
 def from_mapping(cls: type[T], data: Any, where: str = "<params>") -> T:

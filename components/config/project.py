@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.config.loader import load_config
+from components.storage.locations import StoreLocator
 
 STORE_URI_ENV = "DINOFLOW_STORE_URI"
 
@@ -45,6 +46,10 @@ class ProjectConfig:
         env = os.environ if environ is None else environ
         return env.get(STORE_URI_ENV) or self.store.uri or str(state / "store")
 
+    def store_locator(self, state: Path, environ: Mapping[str, str] | None = None) -> StoreLocator:
+        """What a key in a manifest resolves against: this project's store (not opened, nothing created)."""
+        return StoreLocator.for_uri(self.store_uri(state, environ), endpoint_url=self.store.endpoint_url)
+
     def tracking_uri(self, state: Path, environ: Mapping[str, str] | None = None) -> str:
         env = os.environ if environ is None else environ
         return env.get("MLFLOW_TRACKING_URI") or self.tracking.uri or f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
@@ -58,3 +63,15 @@ def load_project_config(path: str | Path = "params/project.yaml") -> ProjectConf
     if not Path(path).is_file():
         return ProjectConfig()
     return load_config(ProjectConfig, path)
+
+
+def configured_store_locator(root: Path | None = None, project_params: str | Path = "params/project.yaml",
+                             environ: Mapping[str, str] | None = None) -> StoreLocator:
+    """The configured store of the project at (or above) ``root`` (default: the current folder), as
+    :func:`components.stages.context.make_context` would open it: for readers handed no store."""
+    from components.environment import project_root, state_dir
+
+    top = project_root(root)
+    params = Path(project_params)
+    project = load_project_config(params if params.is_absolute() else top / params)
+    return project.store_locator(state_dir(environ, top), environ)

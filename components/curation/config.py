@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,8 +168,8 @@ class CurateConfig:
             section.validate()
 
 
-def load_curate_config(path: str | Path = "params/curate.yaml") -> CurateConfig:
-    cfg = load_config(CurateConfig, path, section="curate")
+def load_curate_config(path: str | Path = "params/curate.yaml", overrides: Sequence[str] = ()) -> CurateConfig:
+    cfg = load_config(CurateConfig, path, section="curate", overrides=overrides)
     cfg.validate()
     return cfg
 

@@ -8,7 +8,7 @@ Layout in the object store (under ``prefix``)::
     pool/copies/exact-000.png           same bytes as a pool image under another key
     pool/copies/near-jpeg-001.jpg       crop+resize / resize / JPEG / brightness variants of pool images
     pool/copies/evalcopy-crop-000.png   the same variants of evaluation images (relative dedup must find them)
-    pool/corrupt/...                    zero bytes, truncated PNG, text named .png, JPEG named .png
+    pool/corrupt/...                    zero bytes, truncated PNG, text named .png, truncated JPEG named .png
     seeds/fm-train-01234.png            curated seed set (Fashion-MNIST train images not in the pool)
     eval/fm-test-00007.png              evaluation set (Fashion-MNIST test images)
     truth.parquet                       every planted pool item and its original (TRUTH_SCHEMA)
@@ -38,6 +38,7 @@ from components.storage import ObjectStore, join_key
 SIDE = 28  # every generated image is 28x28 like Fashion-MNIST, so size alone gives nothing away
 NEAR_COPY_KINDS = ("crop", "resize", "jpeg", "brightness")
 TEXTURES = ("brick", "grass", "gravel")
+LAYOUT_VERSION = 2  # 2: the JPEG named .png is cut short (a whole one is now kept by ingest)
 TRUTH_SCHEMA = pl.Schema({
     "key": pl.Utf8,  # relative to the pool root (as ingest's `key`)
     "role": pl.Utf8,  # original | distractor | exact_copy | near_copy | eval_copy | corrupt
@@ -122,6 +123,8 @@ def texture_patches(count: int, rng: np.random.Generator) -> list[tuple[str, np.
 
 def corrupt_files(example_png: bytes, example_pixels: np.ndarray) -> list[Planted]:
     """One file per planted failure, each with the ingest reason it must get."""
+    example_jpeg = jpeg_bytes(Image.fromarray(example_pixels))
+
     def bad(name: str, payload: bytes, reason: str) -> Planted:
         return Planted(f"pool/corrupt/{name}", payload, "corrupt", "corrupt", expected_reason=reason)
 
@@ -129,7 +132,8 @@ def corrupt_files(example_png: bytes, example_pixels: np.ndarray) -> list[Plante
         bad("empty.png", b"", reasons.ZERO_BYTES),
         bad("truncated.png", example_png[: len(example_png) * 6 // 10], reasons.TRUNCATED),
         bad("notes.png", b"this is a text file, not an image\n", reasons.NOT_AN_IMAGE),
-        bad("actually-jpeg.png", jpeg_bytes(Image.fromarray(example_pixels)), reasons.WRONG_EXTENSION),
+        # ingest decides the format from the bytes: a whole JPEG named .png would be kept, a cut one is truncated
+        bad("cut-jpeg.png", example_jpeg[: len(example_jpeg) // 2], reasons.TRUNCATED),
     ]
 
 
@@ -210,6 +214,7 @@ def parquet_bytes(frame: pl.DataFrame) -> bytes:
 def demo_fingerprint(cfg: DemoPoolConfig) -> str:
     # Where Fashion-MNIST is read from does not change the images (their sha256 sums are checked).
     fields = {k: v for k, v in asdict(cfg).items() if k not in ("source_dir", "cache_dir", "allow_fetch", "enabled")}
+    fields["layout"] = LAYOUT_VERSION  # what is planted changed without a parameter changing: rebuild
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

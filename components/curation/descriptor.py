@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-PIXELS_PREFIX = "pixels:"
+from components.registry.uri import parse_source
+
 DETAIL_SIGMA = 1.0  # px on the resized grid: the detail part keeps structure finer than ~2 px
 DETAIL_WEIGHT = 0.5  # share of the squared norm given to the detail part
 
@@ -60,15 +61,14 @@ def centred_unit(values: np.ndarray) -> np.ndarray:
 
 
 def is_pixel_backbone(spec: str) -> bool:
-    return spec.startswith(PIXELS_PREFIX)
+    return parse_source(spec).kind == "pixels"
 
 
 def parse_pixel_backbone(spec: str) -> PixelDescriptor:
-    """``pixels:32`` -> PixelDescriptor(size=32)."""
-    size = spec[len(PIXELS_PREFIX):]
-    if not size.isdigit() or not 4 <= int(size) <= 256:
-        raise ValueError(f"backbone {spec!r}: expected 'pixels:<size>' with 4 <= size <= 256")
-    return PixelDescriptor(size=int(size))
+    """``pixels:32`` -> PixelDescriptor(size=32) (the size checked by the one source parser)."""
+    size = parse_source(spec).require("pixels").size
+    assert size is not None
+    return PixelDescriptor(size=size)
 
 
-__all__ = ["PIXELS_PREFIX", "PixelDescriptor", "is_pixel_backbone", "parse_pixel_backbone"]
+__all__ = ["PixelDescriptor", "is_pixel_backbone", "parse_pixel_backbone"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,23 +26,22 @@ from PIL import Image
 from components.curation import reasons
 from components.curation.descriptor import PixelDescriptor, is_pixel_backbone, parse_pixel_backbone
 from components.curation.schema import REJECTED_SCHEMA
-from components.models import BackboneConfig, DinoVisionTransformer, build_backbone
-from components.models.export import IMAGENET_MEAN, IMAGENET_STD, load_backbone
-from components.models.pretrained import load_pretrained_backbone
+from components.models import DinoVisionTransformer
+from components.models.export import IMAGENET_MEAN, IMAGENET_STD
+from components.models.hub import load as load_local_backbone
+from components.registry.uri import parse_source
 from components.storage import read_uri
 from components.storage.atomic import save_npy_atomic, write_parquet_atomic, write_text_atomic
 
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.parquet"
 FORMAT = "dinoflow-embeddings/1"
-RANDOM_PREFIX = "random:"
-STATE_DICT_PREFIX = "state_dict:"  # state_dict:<arch>:<patch>:<img_size>:<checkpoint path, URL or dinov2_vits14>
 
 
 @dataclass
 class EmbedConfig:
     # A dinoflow backbone folder (model.safetensors + config.json); "state_dict:<arch>:<patch>:<img_size>:<src>"
-    # (a checkpoint or official DINOv2 state_dict, components/models/pretrained.py); "pixels:<size>" (the
+    # (a checkpoint or official DINOv2 state_dict file, or a released name); "pixels:<size>" (the
     # classic pixel copy descriptor of descriptor.py, the offline demo's copy detector); or
     # "random:<arch>:<patch>:<img_size>" (random init: tests only, NOT a copy detector).
     backbone: str = "random:vit_pico:4:28"
@@ -59,8 +58,7 @@ class EmbedConfig:
     def validate(self) -> None:
         if not self.backbone:
             raise ValueError("backbone must name a backbone folder, 'state_dict:...', 'pixels:<size>' or 'random:...'")
-        if is_pixel_backbone(self.backbone):
-            parse_pixel_backbone(self.backbone)  # a malformed size fails at validation, not mid-run
+        parse_source(self.backbone)  # a malformed source (or pixel size) fails at validation, not mid-run
         if min(self.image_size, self.batch_size, self.shard_size, self.decode_workers) < 1 or self.num_threads < 0:
             raise ValueError("image_size, batch_size, shard_size, decode_workers must be >= 1, num_threads >= 0")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -181,35 +179,10 @@ def write_vectors(ids: Sequence[str], vectors: np.ndarray, out_dir: str | Path, 
     return writer.close(metadata=metadata, dim=int(vectors.shape[1]))
 
 
-def parse_random_backbone(spec: str) -> BackboneConfig:
-    """``random:vit_pico:4:28`` -> BackboneConfig(arch="vit_pico", patch_size=4, img_size=28)."""
-    parts = spec[len(RANDOM_PREFIX):].split(":")
-    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-        raise ValueError(f"backbone {spec!r}: expected 'random:<arch>:<patch>:<img_size>'")
-    return BackboneConfig(arch=parts[0], patch_size=int(parts[1]), img_size=int(parts[2]), drop_path_rate=0.0,
-                          layerscale_init=None)
-
-
-def parse_state_dict_backbone(spec: str) -> tuple[BackboneConfig, str]:
-    """``state_dict:vit_small:14:518:dinov2_vits14`` -> (its BackboneConfig, the source to load)."""
-    parts = spec[len(STATE_DICT_PREFIX):].split(":", 3)
-    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit() or not parts[3]:
-        raise ValueError(f"backbone {spec!r}: expected 'state_dict:<arch>:<patch>:<img_size>:<source>'")
-    arch = BackboneConfig(arch=parts[0], patch_size=int(parts[1]), img_size=int(parts[2]), drop_path_rate=0.0)
-    return arch, parts[3]
-
-
 def load_embedding_model(cfg: EmbedConfig) -> DinoVisionTransformer:
-    if cfg.backbone.startswith(RANDOM_PREFIX):
-        with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG state
-            torch.manual_seed(cfg.seed)
-            model = build_backbone(parse_random_backbone(cfg.backbone))
-    elif cfg.backbone.startswith(STATE_DICT_PREFIX):
-        arch, source = parse_state_dict_backbone(cfg.backbone)
-        model = build_backbone(arch)
-        load_pretrained_backbone(model, source)
-    else:
-        model = load_backbone(Path(cfg.backbone)).model
+    """The backbone ``cfg.backbone`` names (a folder, ``state_dict:`` or ``random:``, seeded by ``cfg.seed``)."""
+    source = parse_source(cfg.backbone).require("path", "state_dict", "random", "hub")
+    model = load_local_backbone(source, seed=cfg.seed).model
     patch = int(model.patch_size)
     if cfg.image_size % patch:
         raise ValueError(f"image_size {cfg.image_size} must be a multiple of the backbone's patch size {patch}")
@@ -230,11 +203,13 @@ def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequen
     return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)  # (3, S, S)
 
 
-def decode_one(uri: str, cfg: EmbedConfig, descriptor: PixelDescriptor | None = None) -> np.ndarray | str:
+def decode_one(uri: str, cfg: EmbedConfig, descriptor: PixelDescriptor | None = None,
+               read: Callable[[str], bytes] = read_uri) -> np.ndarray | str:
     """The preprocessed image (or, with ``descriptor``, its finished descriptor vector), or an error
-    message: one bad file must never stop the run."""
+    message: one bad file must never stop the run. ``read`` fetches ``uri`` (a store key resolves
+    through ``StoreLocator.read``)."""
     try:
-        with Image.open(io.BytesIO(read_uri(uri))) as image:
+        with Image.open(io.BytesIO(read(uri))) as image:
             if descriptor is not None:  # computed here, in the decode threads: there is no model to batch for
                 return descriptor.describe(image)
             return preprocess(image, cfg.image_size, cfg.mean, cfg.std)
@@ -263,8 +238,13 @@ def embed_failed_frame(rows: pl.DataFrame, messages: list[str]) -> pl.DataFrame:
     return frame.with_columns(missing).select(list(REJECTED_SCHEMA)).cast(REJECTED_SCHEMA)
 
 
-def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path) -> EmbeddingShards:
+def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path,
+                 read: Callable[[str], bytes] = read_uri, backbone_name: str | None = None) -> EmbeddingShards:
     """Embed every row (needs ``id`` and ``uri``) into shards under ``out_dir``, in row order.
+
+    ``read`` fetches a row's ``uri`` (default: absolute URIs only; the pipeline passes its store
+    locator so keys of the configured store resolve). ``backbone_name`` is what ``index.json`` records
+    as the backbone (default ``cfg.backbone``; the pipeline records a folder without this checkout's path).
 
     Rows whose image cannot be read or decoded are left out of the shards and recorded in
     ``rejects.parquet`` with reason ``embed_failed``; embedded + rejected == rows is checked.
@@ -282,7 +262,8 @@ def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path) -> E
     try:
         with ThreadPoolExecutor(max_workers=cfg.decode_workers) as executor:
             for batch_rows in batched_frames(rows, cfg.batch_size):
-                decoded = list(executor.map(lambda uri: decode_one(uri, cfg, descriptor), batch_rows["uri"].to_list()))
+                decoded = list(executor.map(lambda uri: decode_one(uri, cfg, descriptor, read),
+                                            batch_rows["uri"].to_list()))
                 good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
                 bad = [i for i, d in enumerate(decoded) if isinstance(d, str)]
                 if good:
@@ -297,7 +278,8 @@ def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path) -> E
     embedded = writer.num_rows
     if embedded + rejected.height != rows.height:
         raise RuntimeError(f"embedding: {rows.height} rows != {embedded} embedded + {rejected.height} rejected")
-    metadata = {"backbone": cfg.backbone, "image_size": cfg.image_size, "mean": list(cfg.mean),
+    metadata = {"backbone": cfg.backbone if backbone_name is None else backbone_name,
+                "image_size": cfg.image_size, "mean": list(cfg.mean),
                 "std": list(cfg.std), "rows_in": rows.height, "embed_failed": rejected.height}
     dim = descriptor.dim if descriptor is not None else int(model.embed_dim)  # type: ignore[union-attr]
     return writer.close(rejected=rejected, metadata=metadata, dim=dim)

@@ -80,7 +80,8 @@ def open_pool(pool: str, store_opener: Callable[[str], ObjectStore]) -> ObjectSt
 def kept_frame(rows: list[Checked]) -> pl.DataFrame:
     records = [
         {"id": image_id(r.sha256 or ""), "uri": r.uri, "key": r.key, "sha256": r.sha256, "width": r.width,
-         "height": r.height, "format": r.format, "mode": r.mode, "bytes": r.bytes}
+         "height": r.height, "format": r.format, "extension_mismatch": r.extension_mismatch, "mode": r.mode,
+         "bytes": r.bytes}
         for r in rows
     ]
     return pl.DataFrame(records, schema=KEPT_SCHEMA)

@@ -6,6 +6,11 @@ atomically into ``work_dir/<step>/`` and then ``done.json`` holding a fingerprin
 section, the fingerprints of its inputs). A rerun skips every step whose marker matches, so an
 interrupted run continues where it stopped and ends with the same manifest; changing a section reruns
 that step and everything downstream of it. Embeddings are read shard by shard (``iter_shards``).
+
+With a ``StoreLocator`` of the configured store (the curate stage passes one), every table, stats file
+and fingerprint records the images of that store by their key and other local folders relative to the
+project, never by this checkout's absolute path: the work dir and the outputs are DVC outputs and come
+out byte-identical in every checkout. Images are then read through the locator.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from components.curation.ingest import (
 )
 from components.curation.knn_graph import KnnConfig
 from components.curation.schema import REJECTED_SCHEMA
-from components.storage import ObjectStore, open_store, read_uri
+from components.storage import ObjectStore, StoreLocator, file_uri_to_path, is_store_key, open_store, read_uri
 from components.storage.atomic import write_parquet_atomic, write_text_atomic
 
 DONE_FILE = "done.json"
@@ -94,9 +99,40 @@ def without(section: Any, *names: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- steps
 
 
-def ingest_step(pool: IngestConfig, store_opener: Callable[[str], ObjectStore]) -> Callable[[Path], None]:
+def recorded(locator: StoreLocator | None, location: str) -> str:
+    """``location`` as stats and fingerprints record it: with a locator, without this checkout's path."""
+    return location if locator is None or not location else locator.describe(location)
+
+
+def portable_ingest(result: IngestResult, locator: StoreLocator | None) -> IngestResult:
+    """``result`` with the URIs of a pool inside the configured store replaced by store keys.
+
+    ``uri`` becomes ``<pool key>/<key>``, an exact duplicate's ``duplicate_of`` the kept row's new
+    ``uri``, and the pool root in messages and stats its key. A pool outside the store is left as is:
+    its URIs come from the configuration, not from the checkout.
+    """
+    root = str(result.stats.get("pool", ""))
+    prefix = locator.portable(root) if locator is not None and root else root
+    if locator is None or not root or not is_store_key(prefix):
+        return result
+
+    def ref() -> pl.Expr:
+        return pl.concat_str(pl.lit(prefix + "/"), pl.col("key")) if prefix else pl.col("key")
+
+    kept = result.kept.with_columns(ref().alias("uri"))
+    messages = pl.col("message").str.replace_all(root, prefix or ".", literal=True)
+    if root.startswith("file://"):
+        messages = messages.str.replace_all(str(file_uri_to_path(root)), prefix or ".", literal=True)
+    rejected = result.rejected.with_columns(
+        ref().alias("uri"), messages,
+        pl.col("duplicate_of").replace(result.kept["uri"], kept["uri"]))  # exact duplicates name a kept uri
+    return IngestResult(kept=kept, rejected=rejected, stats={**result.stats, "pool": prefix})
+
+
+def ingest_step(pool: IngestConfig, store_opener: Callable[[str], ObjectStore],
+                locator: StoreLocator | None = None) -> Callable[[Path], None]:
     def compute(folder: Path) -> None:
-        write_ingest_outputs(ingest_pool(pool, store_opener), folder)
+        write_ingest_outputs(portable_ingest(ingest_pool(pool, store_opener), locator), folder)
     return compute
 
 
@@ -107,13 +143,19 @@ def read_ingest(folder: Path) -> IngestResult:
 
 
 def ingest_and_embed(work_dir: Path, name: str, pool: IngestConfig, cfg: CurateConfig, upstream: str,
-                     store_opener: Callable[[str], ObjectStore]) -> tuple[IngestResult, EmbeddingShards, str]:
+                     store_opener: Callable[[str], ObjectStore], locator: StoreLocator | None = None,
+                     ) -> tuple[IngestResult, EmbeddingShards, str]:
     """Ingest one image folder (pool, eval set or seed set) and embed what it kept."""
-    ingest_key = fingerprint(name, without(pool, "workers", "batch_size"), upstream)
-    ingested = read_ingest(run_step(work_dir, f"{name}_ingest", ingest_key, ingest_step(pool, store_opener)))
-    embed_key = fingerprint(without(cfg.embed, "batch_size", "num_threads", "decode_workers", "device"), ingest_key)
+    recorded_pool = dataclasses.replace(pool, pool=recorded(locator, pool.pool))
+    ingest_key = fingerprint(name, without(recorded_pool, "workers", "batch_size"), upstream)
+    ingested = read_ingest(run_step(work_dir, f"{name}_ingest", ingest_key, ingest_step(pool, store_opener, locator)))
+    backbone = recorded(locator, cfg.embed.backbone)
+    embed_key = fingerprint(without(dataclasses.replace(cfg.embed, backbone=backbone),
+                                    "batch_size", "num_threads", "decode_workers", "device"), ingest_key)
+    read = locator.read if locator is not None else read_uri
     folder = run_step(work_dir, f"{name}_embed", embed_key,
-                      lambda out: (embed_images(ingested.kept, cfg.embed, out / "shards"), None)[1])
+                      lambda out: (embed_images(ingested.kept, cfg.embed, out / "shards", read=read,
+                                                backbone_name=backbone), None)[1])
     return ingested, EmbeddingShards.open(folder / "shards"), embed_key
 
 
@@ -146,14 +188,16 @@ def read_table(location: str) -> pl.DataFrame:
 # ------------------------------------------------------------------------------- the pipeline
 
 
-def run_curation(cfg: CurateConfig, work_dir: Path,
-                 store_opener: Callable[[str], ObjectStore] = open_store) -> CurationResult:
-    """Run (or continue) every configured step; returns the manifest, the rejects and the stats."""
+def run_curation(cfg: CurateConfig, work_dir: Path, store_opener: Callable[[str], ObjectStore] = open_store,
+                 locator: StoreLocator | None = None) -> CurationResult:
+    """Run (or continue) every configured step; returns the manifest, the rejects and the stats.
+
+    ``locator``: the configured store; its images are then recorded by key (see the module docstring)."""
     cfg.validate()
     pool = cfg.ingest.to_ingest()
     pool.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
-    ingest, shards, embed_key = ingest_and_embed(work_dir, "pool", pool, cfg, "", store_opener)
+    ingest, shards, embed_key = ingest_and_embed(work_dir, "pool", pool, cfg, "", store_opener, locator)
 
     near_key = fingerprint(cfg.near_dedup, embed_key)
 
@@ -170,11 +214,13 @@ def run_curation(cfg: CurateConfig, work_dir: Path,
     near_kept = pl.read_parquet(near_dir / "kept.parquet")
     near_rejected = pl.read_parquet(near_dir / "rejects.parquet")
 
-    eval_key = fingerprint(cfg.eval_dedup, cfg.embed.backbone, near_key)
+    eval_sets = [recorded(locator, location) for location in cfg.eval_dedup.sets]
+    eval_key = fingerprint(dataclasses.replace(cfg.eval_dedup, sets=eval_sets), recorded(locator, cfg.embed.backbone),
+                           near_key)
     eval_shards = []
     for i, location in enumerate(cfg.eval_dedup.sets if cfg.eval_dedup.enabled else []):
         _, set_shards, set_key = ingest_and_embed(work_dir, f"eval{i}", cfg.ingest.to_ingest(location), cfg, eval_key,
-                                                  store_opener)
+                                                  store_opener, locator)
         eval_shards.append(set_shards)
         eval_key = fingerprint(eval_key, set_key)
 
@@ -190,14 +236,16 @@ def run_curation(cfg: CurateConfig, work_dir: Path,
     clean = pl.read_parquet(eval_dir / "kept.parquet")
     eval_rejected = pl.read_parquet(eval_dir / "rejects.parquet")
 
-    selected, select_rejected, clusters, select_stats = select(cfg, work_dir, shards, clean, eval_key, store_opener)
+    selected, select_rejected, clusters, select_stats = select(cfg, work_dir, shards, clean, eval_key, store_opener,
+                                                               locator)
     manifest = build_manifest(selected, cfg)
     rejected = pl.concat([ingest.rejected, near_rejected, eval_rejected, select_rejected]).sort("key")
     n_listed = int(ingest.stats["steps"]["listed"])
     reconcile("curation", n_listed, manifest.height, rejected.height)
     if manifest["id"].n_unique() != manifest.height:
         raise ReconciliationError("the manifest holds an id twice")
-    stats = curation_stats(cfg, ingest, shards, near_kept, clean, manifest, rejected, select_stats, clusters)
+    stats = curation_stats(cfg, ingest, shards, near_kept, clean, manifest, rejected, select_stats, clusters,
+                           locator)
     return CurationResult(manifest=manifest, rejected=rejected, stats=stats, work_dir=work_dir,
                           ingest_kept=ingest.kept, duplicate_groups=duplicate_groups(near_rejected),
                           clusters=clusters)
@@ -213,7 +261,7 @@ def concat_shards(parts: list[EmbeddingShards], out_dir: Path) -> EmbeddingShard
 
 
 def select(cfg: CurateConfig, work_dir: Path, shards: EmbeddingShards, clean: pl.DataFrame, upstream: str,
-           store_opener: Callable[[str], ObjectStore]
+           store_opener: Callable[[str], ObjectStore], locator: StoreLocator | None = None,
            ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame | None, dict[str, Any]]:
     """Retrieval then balancing: (selected rows, their not_* rejections, clusters, stats)."""
     stats: dict[str, Any] = {}
@@ -223,8 +271,8 @@ def select(cfg: CurateConfig, work_dir: Path, shards: EmbeddingShards, clean: pl
         from components.curation.retrieval import RetrievalConfig, retrieve
 
         _, seed_shards, seed_key = ingest_and_embed(work_dir, "seeds", cfg.ingest.to_ingest(cfg.retrieval.seeds), cfg,
-                                                    key, store_opener)
-        key = fingerprint(cfg.retrieval, seed_key)
+                                                    key, store_opener, locator)
+        key = fingerprint(dataclasses.replace(cfg.retrieval, seeds=recorded(locator, cfg.retrieval.seeds)), seed_key)
         section = cfg.retrieval
 
         def retrieve_compute(folder: Path) -> None:
@@ -282,7 +330,9 @@ def select(cfg: CurateConfig, work_dir: Path, shards: EmbeddingShards, clean: pl
 
 
 def build_manifest(selected: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
-    """The pretraining manifest: a ``uri`` per image, ``split`` for DataConfig.splits, labels if known."""
+    """The pretraining manifest: a ``uri`` per image, ``split`` for DataConfig.splits, labels if known.
+
+    ``uri`` is as ingest recorded it: a key of the configured store, or an absolute URI outside it."""
     columns = ["id", "uri", "key", "sha256", "width", "height"]
     manifest = selected.select(columns).with_columns(pl.lit(cfg.outputs.split).alias("split"))
     if cfg.outputs.labels:
@@ -311,13 +361,14 @@ def count_by_reason(rejected: pl.DataFrame) -> dict[str, int]:
 
 def curation_stats(cfg: CurateConfig, ingest: IngestResult, shards: EmbeddingShards, near_kept: pl.DataFrame,
                    clean: pl.DataFrame, manifest: pl.DataFrame, rejected: pl.DataFrame, select_stats: dict[str, Any],
-                   clusters: pl.DataFrame | None) -> dict[str, Any]:
+                   clusters: pl.DataFrame | None, locator: StoreLocator | None = None) -> dict[str, Any]:
     """Counts per step and per reason (zeros included) and the reconciliation, as JSON for DVC metrics."""
     retrieved = (clusters.height if clusters is not None else manifest.height) if cfg.retrieval.seeds else clean.height
     steps = {"listed": int(ingest.stats["steps"]["listed"]), "ingest_kept": ingest.kept.height,
              "embedded": shards.num_rows, "near_dedup_kept": near_kept.height, "eval_dedup_kept": clean.height,
              "retrieved": retrieved, "sampled": manifest.height, "manifest": manifest.height}
-    return {"pool": cfg.ingest.pool, "embedder": cfg.embed.backbone, "steps": steps,
+    return {"pool": recorded(locator, cfg.ingest.pool), "embedder": recorded(locator, cfg.embed.backbone),
+            "steps": steps,
             "rejected": rejected.height, "rejected_by_reason": count_by_reason(rejected),
             "reconciled": steps["listed"] == manifest.height + rejected.height,
             **select_stats}

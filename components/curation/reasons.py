@@ -11,22 +11,27 @@ UNSUPPORTED_EXTENSION = "unsupported_extension"
 UNREADABLE = "unreadable"
 ZERO_BYTES = "zero_bytes"
 NOT_AN_IMAGE = "not_an_image"
-WRONG_EXTENSION = "wrong_extension"
 DECOMPRESSION_BOMB = "decompression_bomb"
 TOO_SMALL = "too_small"
 TRUNCATED = "truncated"
 EXACT_DUPLICATE = "exact_duplicate"
+
+# Retired: ingest used to reject a file whose extension named another format than its bytes (a PNG
+# named .jpg). The format is now decided from the bytes and such a file is kept, with
+# ``extension_mismatch`` set in kept.parquet. The code stays defined (older rejects tables hold it)
+# but is no longer written, so it is not in ``REASONS``.
+WRONG_EXTENSION = "wrong_extension"
 
 # In the order the checks run: the first failing check names the reason.
 REASONS: dict[str, str] = {
     UNSUPPORTED_EXTENSION: "the file name's extension is not one of the configured image extensions",
     UNREADABLE: "the object could not be read from the store (missing, broken link, I/O or network error)",
     ZERO_BYTES: "the object is empty",
-    NOT_AN_IMAGE: "no enabled image decoder recognises the bytes (text, HTML error page, other format)",
-    WRONG_EXTENSION: "the content decodes as a different format than the extension claims",
+    NOT_AN_IMAGE: "the bytes are not one of the accepted image formats (text, HTML error page, other format)",
     DECOMPRESSION_BOMB: "width x height exceeds max_pixels (a tiny file that would decode to huge memory)",
     TOO_SMALL: "the shorter side is below min_side",
-    TRUNCATED: "the header is fine but fully decoding the pixels fails (cut-off or corrupt data)",
+    TRUNCATED: "the bytes start as an accepted image format but the file is cut off or corrupt "
+               "(header unreadable, pixels fail to decode, or the end marker is missing)",
     EXACT_DUPLICATE: "byte-identical (same sha256) to another kept file; the lexicographically smallest uri is kept",
 }
 

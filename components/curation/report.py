@@ -28,6 +28,8 @@ def ingest_stats(pool: str, n_listed: int, n_valid: int, kept: pl.DataFrame, rej
         },
         "rejected_by_reason": {code: by_reason.get(code, 0) for code in REASONS},
         "kept_by_format": count_by(kept, "format"),
+        # kept although the name's extension says another format (a PNG named .jpg)
+        "kept_extension_mismatch": int(kept["extension_mismatch"].sum()) if kept.height else 0,
         "kept_bytes": int(kept["bytes"].sum()) if kept.height else 0,
     }
 
@@ -48,5 +50,6 @@ def stats_markdown(stats: dict[str, Any]) -> str:
     lines += ["", "| reason | files | meaning |", "|---|---:|---|"]
     lines += [f"| `{code}` | {n:,} | {REASONS[code]} |" for code, n in stats["rejected_by_reason"].items()]
     formats = ", ".join(f"{fmt} {n:,}" for fmt, n in stats["kept_by_format"].items()) or "none"
-    lines += ["", f"Kept formats: {formats}. Kept bytes: {stats['kept_bytes']:,}.", ""]
+    lines += ["", f"Kept formats: {formats}. Kept bytes: {stats['kept_bytes']:,}.",
+              f"Kept with an extension that names another format: {stats.get('kept_extension_mismatch', 0):,}.", ""]
     return "\n".join(lines)

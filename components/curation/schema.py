@@ -1,7 +1,10 @@
 """Column schemas of the curation tables (``kept.parquet`` and ``rejects.parquet``).
 
 ``key`` is the object's key relative to the pool root (portable across store locations), ``uri``
-the full address it was read from. Both tables are sorted by ``key`` so reruns give identical files.
+the full address it was read from; the curate stage records a pool inside the configured object store
+by store key instead (``<pool key>/<key>``, resolved against the store when read, see
+components/storage/locations.py), so its tables are the same files in every checkout. Both tables
+are sorted by ``key`` so reruns give identical files.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ KEPT_SCHEMA = pl.Schema({
     "sha256": pl.Utf8,
     "width": pl.Int32,
     "height": pl.Int32,
-    "format": pl.Utf8,  # Pillow's format name: JPEG, PNG, WEBP, ...
+    "format": pl.Utf8,  # Pillow's format name, decided from the bytes: JPEG, PNG, WEBP, ...
+    "extension_mismatch": pl.Boolean,  # the name's extension says another format (a PNG named .jpg)
     "mode": pl.Utf8,  # Pillow's mode after decoding: RGB, L, RGBA, P, ...
     "bytes": pl.Int64,
 })
@@ -30,7 +34,7 @@ REJECTED_SCHEMA = pl.Schema({
     "bytes": pl.Int64,
     "width": pl.Int32,
     "height": pl.Int32,
-    "format": pl.Utf8,  # the real format, e.g. JPEG for a wrong_extension '.png'
+    "format": pl.Utf8,  # the real format from the bytes, e.g. JPEG for a truncated JPEG named '.png'
     "duplicate_of": pl.Utf8,  # exact_duplicate only: the uri that was kept instead
 })
 

@@ -5,9 +5,11 @@ Layout in the store (under ``prefix``)::
     fashion-mnist/train/fmnist-train-00042.png   one PNG per image (id = split + source index)
     fashion-mnist/test/fmnist-test-00007.png
     photos/photo-astronaut.png
-    labels.parquet                               id, uri, split, label, class_name, ...
+    labels.parquet                               id, key, uri, split, label, class_name, ...
 
-The same table is written to a local manifest (a DVC output). Nothing large goes into git.
+The same table is written to a local manifest (a DVC output). Nothing large goes into git. Its ``uri``
+is the object's key in the store, resolved against the configured store when read, so the manifest is
+the same file in every checkout.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from components.storage.atomic import write_parquet_atomic
 MANIFEST_SCHEMA = {
     "id": pl.Utf8,
     "key": pl.Utf8,  # key in the object store, portable across checkouts and store locations
+    # Where readers find the image: a key resolved against the configured store (here always the key;
+    # components/storage/locations.py). Never an absolute path: this table is a DVC output.
     "uri": pl.Utf8,
     "source": pl.Utf8,
     "split": pl.Utf8,
@@ -95,6 +99,10 @@ class DemoDataResult:
     labels_uri: str
     counts: dict[str, int]
 
+    def summary(self) -> dict[str, object]:
+        """The data stage's result as the CLI prints it, the flow returns it and its report shows it."""
+        return {"manifest": str(self.manifest_path), "labels_uri": self.labels_uri, "counts": self.counts}
+
 
 def encode_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
@@ -141,7 +149,7 @@ def publish(image: PoolImage, store: ObjectStore) -> dict[str, Any]:
     return {
         "id": image.id,
         "key": image.key,
-        "uri": store.url_for(image.key),
+        "uri": image.key,  # the pool is written to the configured store: its key is the portable reference
         "source": image.source,
         "split": image.split,
         "label": image.label,

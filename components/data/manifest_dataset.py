@@ -1,9 +1,13 @@
 """Pretraining input: images named by a manifest, decoded and augmented; bad images skipped, counted, never fatal.
 
 * ``ManifestImageDataset`` reads item ``i``'s ``uri``, decodes it fully with PIL (RGB), and returns
-  ``transform(image, seed_for(i))``. An image that is missing, empty, truncated or not an image
-  gives a ``SkippedSample`` marker instead of an exception: at 100M images a handful of bad
-  objects is a certainty, and one of them must not end a multi-day run.
+  ``transform(image, seed_for(i))``. A ``uri`` is a key of the configured object store (what the
+  pipeline writes: manifests are DVC outputs, the same file in every checkout) or an absolute
+  ``s3://``/``file://`` URI (objects elsewhere, older manifests); keys resolve against the ``store``
+  given, else the store of params/project.yaml (components/storage/locations.py). An image that
+  is missing, empty, truncated or not an image gives a ``SkippedSample`` marker instead of an
+  exception: at 100M images a handful of bad objects is a certainty, and one of them must not end
+  a multi-day run.
 * ``skip_corrupt(collate_fn)`` wraps a collate function: markers are dropped from the batch and
   travel *with* the batch (``CollatedWithSkips``), so counting works unchanged inside DataLoader
   worker processes (no shared counters). A batch with nothing left is ``None``: skip the step, and
@@ -34,7 +38,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from components.storage import ObjectNotFoundError, read_uri
+from components.config.project import configured_store_locator
+from components.storage import ObjectNotFoundError, ObjectStore, StoreLocator
 
 # Distinct image seeds per run seed for datasets below ~1M images (a prime, so seeds don't alias).
 SEED_STRIDE = 1_000_003
@@ -107,12 +112,17 @@ class ManifestImageDataset(Dataset[Any]):
         self,
         manifest: pl.DataFrame | Path | str,
         transform: Callable[[Image.Image, int], Any],
-        read_bytes: Callable[[str], bytes] = read_uri,
+        read_bytes: Callable[[str], bytes] | None = None,
         seed: int = 0,
+        store: ObjectStore | StoreLocator | None = None,
     ) -> None:
+        """``read_bytes`` reads a ``uri``; default: ``store``'s locator (a key resolves against ``store``,
+        else against the configured store of the project around the current folder)."""
         frame = load_manifest(manifest)
         self._uris = uri_array(frame["uri"].to_list())
         self.transform = transform
+        if read_bytes is None:
+            read_bytes = (StoreLocator.for_store(store) if store is not None else configured_store_locator()).read
         self.read_bytes = read_bytes
         self.seed = seed
 

@@ -8,12 +8,14 @@ targets. The paper's recipe (§5) has no masking and no stochastic depth in the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from components.config import load_config
 from components.models import BackboneConfig
+from components.registry.uri import parse_source
 from components.train.config import PretrainConfig, RunConfig
 
 DistillMode = Literal["heads", "features"]
@@ -60,6 +62,7 @@ class TeacherSourceConfig:
     def validate(self) -> None:
         if not self.source:
             raise ValueError("teacher.source must name a registry URI, a folder or a weights file")
+        parse_source(self.source).require("registry", "path", "hub", "state_dict")  # malformed: fail at load
 
 
 def default_student() -> BackboneConfig:
@@ -86,5 +89,5 @@ class DistillConfig(PretrainConfig):
                              "trains the student without stochastic depth; set it to 0")
 
 
-def load_distill_config(path: str | Path = "params/distill.yaml") -> DistillConfig:
-    return load_config(DistillConfig, path, section="distill")
+def load_distill_config(path: str | Path = "params/distill.yaml", overrides: Sequence[str] = ()) -> DistillConfig:
+    return load_config(DistillConfig, path, section="distill", overrides=overrides)

@@ -31,7 +31,9 @@ from components.config import from_mapping
 from components.distill.feature_loss import resize_patch_grid
 from components.models import BackboneConfig, DinoVisionTransformer, build_backbone
 from components.models.export import CONFIG_FILE, load_backbone
+from components.models.hub import load as load_local_backbone
 from components.models.pretrained import load_pretrained_backbone
+from components.registry.uri import parse_source
 from components.ssl.config import DinoObjectiveConfig, HeadConfig, IbotObjectiveConfig, ObjectiveConfig
 from components.ssl.dino_head import DINOHead
 from components.ssl.meta_arch import SSLMetaArch, feature
@@ -127,10 +129,13 @@ class FrozenTeacher:
 
 def load_teacher(source: str | Path, backbone: BackboneConfig, device: torch.device | str = "cpu",
                  precision: TeacherPrecision = "auto") -> FrozenTeacher:
-    """The frozen teacher at ``source`` (see the module docstring); ``backbone`` describes a bare state_dict."""
-    text = str(source)
-    path = Path(text)
-    if not text.startswith("hub:") and path.is_dir():
+    """The frozen teacher at ``source`` (see the module docstring); ``backbone`` describes a bare state_dict.
+
+    ``source`` is parsed by the one model-source parser (components/registry/uri.py); a registry URI must
+    have been resolved to its local folder by the caller."""
+    parsed = parse_source(str(source)).require("path", "hub", "state_dict")
+    path = Path(parsed.text)
+    if parsed.kind == "path" and path.is_dir():
         checkpoint = path if ckpt.is_complete(path) else ckpt.latest_checkpoint(path)
         if checkpoint is not None:
             return teacher_from_checkpoint(checkpoint, precision).to(device)
@@ -138,13 +143,13 @@ def load_teacher(source: str | Path, backbone: BackboneConfig, device: torch.dev
             bundle = load_backbone(path)
             return FrozenTeacher(bundle.model, bundle.config, "backbone", precision=precision).to(device)
         raise FileNotFoundError(f"{path}: neither a pretraining checkpoint nor a backbone folder")
-    if text.startswith("hub:"):  # a released model's architecture is known: params cannot contradict it
-        from components.models.hub import released_config
-
-        backbone = released_config(text.removeprefix("hub:"))
-    model = build_backbone(dataclasses.replace(backbone, drop_path_rate=0.0))
-    load_pretrained_backbone(model, text)
-    return FrozenTeacher(model, backbone, "state_dict", precision=precision).to(device)
+    if parsed.kind == "path":  # a weights file: its architecture is the params' teacher.backbone
+        model = build_backbone(dataclasses.replace(backbone, drop_path_rate=0.0))
+        load_pretrained_backbone(model, parsed.text)
+        return FrozenTeacher(model, backbone, "state_dict", precision=precision).to(device)
+    # hub: and state_dict: name their own architecture, which params cannot contradict
+    bundle = load_local_backbone(parsed)
+    return FrozenTeacher(bundle.model, bundle.config, "state_dict", precision=precision).to(device)
 
 
 def teacher_from_checkpoint(path: Path, precision: TeacherPrecision = "auto") -> FrozenTeacher:

@@ -1,10 +1,9 @@
 """Evaluation protocols on frozen backbones: feature extraction and cache, k-NN, linear probes;
-the champion / challenger promotion policy.
+the champion / challenger promotion policy (the decision; the registry acts on it).
 
 See docs/evaluation.md. Importing this package has no side effects.
 """
 
-from components.evaluate.champion import ChampionMetrics, champion_metrics
 from components.evaluate.features import (
     FeatureSet,
     array_fingerprint,
@@ -29,25 +28,22 @@ from components.evaluate.linear import (
     logreg_probe,
     validation_split,
 )
-from components.evaluate.promotion import Decision, PromotionPolicy, apply_decision, decide, record_failure
+from components.evaluate.promotion import Decision, PromotionPolicy, decide
 
 __all__ = [
     "DEFAULT_C_GRID",
     "DEFAULT_KS",
     "DEFAULT_LEARNING_RATES",
     "DEFAULT_TEMPERATURE",
-    "ChampionMetrics",
     "Decision",
     "FeatureSet",
     "HeadSpec",
     "PromotionPolicy",
     "Standardizer",
-    "apply_decision",
     "array_fingerprint",
     "cache_key",
     "cached_feature_set",
     "cached_features",
-    "champion_metrics",
     "decide",
     "extract_features",
     "fashion_mnist_batches",
@@ -60,7 +56,6 @@ __all__ = [
     "logreg_probe",
     "model_fingerprint",
     "pixel_features",
-    "record_failure",
     "top_k_neighbours",
     "validation_split",
 ]

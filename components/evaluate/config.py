@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +15,7 @@ from components.evaluate.linear import DEFAULT_C_GRID, DEFAULT_LEARNING_RATES
 from components.evaluate.pca_picture import PcaPictureConfig
 from components.evaluate.promotion import PromotionPolicy
 from components.evaluate.retrieval import RetrievalConfig
-
-REGISTRY_PREFIX = "models:/"
+from components.registry.uri import parse_source
 
 
 @dataclass
@@ -138,9 +138,8 @@ class EvaluateConfig:
     def validate(self) -> None:
         if not self.model:
             raise ValueError("model must name a backbone folder or a models:/ registry URI")
-        if self.model.startswith(REGISTRY_PREFIX):
-            parse_registry_uri(self.model)  # fail at load time, not after the data is read
-        if self.champion and parse_registry_uri(self.champion).alias is None:
+        parse_source(self.model).require("registry", "path", "hub", "state_dict")  # fail at load time
+        if self.champion and parse_source(self.champion).require("registry").alias is None:
             raise ValueError(f"champion must be models:/NAME@ALIAS (or empty), got {self.champion!r}")
         if self.image_size < 1 or self.batch_size < 1 or self.n_last_blocks < 1:
             raise ValueError("image_size, batch_size and n_last_blocks must be >= 1")
@@ -151,31 +150,8 @@ class EvaluateConfig:
 
     @property
     def from_registry(self) -> bool:
-        return self.model.startswith(REGISTRY_PREFIX)
+        return parse_source(self.model).kind == "registry"
 
 
-@dataclass(frozen=True)
-class RegistryRef:
-    name: str
-    alias: str | None = None
-    version: str | None = None
-
-
-def parse_registry_uri(uri: str) -> RegistryRef:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> RegistryRef (exactly one of alias / version)."""
-    if not uri.startswith(REGISTRY_PREFIX):
-        raise ValueError(f"{uri!r} is not a registry URI (expected {REGISTRY_PREFIX}NAME@ALIAS or NAME/VERSION)")
-    rest = uri[len(REGISTRY_PREFIX):]
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        if name and alias:
-            return RegistryRef(name=name, alias=alias)
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and version.isdigit():
-            return RegistryRef(name=name, version=version)
-    raise ValueError(f"{uri!r}: expected {REGISTRY_PREFIX}NAME@ALIAS or {REGISTRY_PREFIX}NAME/VERSION")
-
-
-def load_evaluate_config(path: str | Path = "params/evaluate.yaml") -> EvaluateConfig:
-    return load_config(EvaluateConfig, path, section="evaluate")
+def load_evaluate_config(path: str | Path = "params/evaluate.yaml", overrides: Sequence[str] = ()) -> EvaluateConfig:
+    return load_config(EvaluateConfig, path, section="evaluate", overrides=overrides)

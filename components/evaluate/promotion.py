@@ -1,21 +1,13 @@
-"""Champion / challenger promotion: a policy from params, a pure decision, and its effect on the registry.
+"""Champion / challenger promotion as evaluation sees it: a policy from params and a pure decision.
 
 ``decide`` compares two metric dicts (the ``eval.*`` numbers of the champion and the challenger) and
-says whether the challenger should become champion, with its reasons and numbers. ``apply_decision``
-is the only place that moves the ``champion`` alias, and only when the decision says so; it records
-the decision on both versions as ``promotion.*`` tags. A caller whose evaluation failed never gets a
-Decision to apply: it calls ``record_failure`` instead, which tags and moves nothing.
+says whether the challenger should become champion, with its reasons and numbers. Acting on a
+decision (tags, the alias move) is the registry's: components/registry/promotion.py.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
-
-TAG_PREFIX = "promotion."
-# MLflow caps a model-version tag value at 5,000 characters; reasons and errors are cut below that.
-_MAX_TAG_CHARS = 4000
 
 
 @dataclass
@@ -93,50 +85,3 @@ def decide(champion: dict[str, float] | None, challenger: dict[str, float],
         else:
             reasons.append(f"{metric}: change {change:+.4f} within allowed regression {allowed:.4f}")
     return Decision(promote, reasons, numbers, primary, delta)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def decision_tags(decision: Decision, role: str, champion_version: str | None, challenger_version: str,
-                  at: str) -> dict[str, str]:
-    """The ``promotion.*`` tags one version gets; ``role`` is which side of the comparison it was on."""
-    tags = {
-        "decision": decision.label,
-        "role": role,
-        "at": at,
-        "primary_metric": decision.primary_metric,
-        "challenger_version": challenger_version,
-        "champion_version": champion_version or "",
-        "reasons": "; ".join(decision.reasons)[:_MAX_TAG_CHARS],
-    }
-    if decision.primary_delta is not None:
-        tags["primary_delta"] = f"{decision.primary_delta:.6f}"
-    tags.update({key: f"{value:.6f}" for key, value in decision.numbers.items()})
-    return {TAG_PREFIX + key: value for key, value in tags.items()}
-
-
-def apply_decision(client: Any, name: str, decision: Decision, champion_version: str | None,
-                   challenger_version: str, policy: PromotionPolicy | None = None) -> None:
-    """Tag both versions with the decision; move the champion alias to the challenger only if it promotes.
-
-    ``client`` is an ``mlflow.MlflowClient`` pointed at the registry. Tags are written before the alias
-    moves, so a crash in between leaves a recorded decision and the old champion, never the reverse."""
-    policy = policy or PromotionPolicy()
-    at = _now()
-    sides = [("challenger", challenger_version)]
-    if champion_version is not None and champion_version != challenger_version:
-        sides.append(("champion", champion_version))
-    for role, version in sides:
-        for key, value in decision_tags(decision, role, champion_version, challenger_version, at).items():
-            client.set_model_version_tag(name, version, key, value)
-    if decision.promote:
-        client.set_registered_model_alias(name, policy.champion_alias, challenger_version)
-
-
-def record_failure(client: Any, name: str, version: str, role: str, error: BaseException | str) -> None:
-    """A version whose evaluation failed: tagged ``promotion.decision=evaluation_failed``; no alias moves."""
-    tags = {"decision": "evaluation_failed", "role": role, "at": _now(), "error": str(error)[:_MAX_TAG_CHARS]}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, TAG_PREFIX + key, value)

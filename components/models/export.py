@@ -92,3 +92,27 @@ def load_backbone(directory: Path, device: str | torch.device = "cpu") -> Backbo
     norm = payload.get("normalization", {})
     return BackboneBundle(model=model, config=config, mean=tuple(norm.get("mean", IMAGENET_MEAN)),
                           std=tuple(norm.get("std", IMAGENET_STD)), metadata=payload.get("metadata", {}))
+
+
+def is_backbone_dir(folder: Path) -> bool:
+    """A folder written by :func:`save_backbone` (its config.json says so)."""
+    config = Path(folder) / CONFIG_FILE
+    if not config.is_file() or not (Path(folder) / WEIGHTS_FILE).is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("format") == FORMAT)
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def find_backbone_dir(folder: Path) -> Path:
+    """``folder`` itself if it is a backbone folder, else the shallowest backbone folder below it
+    (a pyfunc model keeps its backbone under ``artifacts/``)."""
+    folder = Path(folder)
+    if is_backbone_dir(folder):
+        return folder
+    candidates = sorted((p.parent for p in folder.rglob(CONFIG_FILE) if is_backbone_dir(p.parent)),
+                        key=lambda p: (len(p.relative_to(folder).parts), str(p)))
+    if not candidates:
+        raise FileNotFoundError(f"{folder}: holds no dinoflow backbone ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    return candidates[0]

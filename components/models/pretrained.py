@@ -26,22 +26,24 @@ from torch import Tensor
 
 from components.models.convert import strip_block_chunks
 from components.models.vit import DinoVisionTransformer
+from components.registry.uri import HUB_PREFIX, RELEASED, parse_source
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/dinov2/{base}/{full}_pretrain.pth"
-RELEASED = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14",
-            "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg", "dinov2_vitg14_reg")
 _PREFIXES = ("teacher.backbone.", "student.backbone.", "backbone.", "module.")
 
 
 def read_state_dict(source: str) -> dict[str, Tensor]:
-    """The backbone tensors named by ``source`` (see the module docstring), with official key names."""
-    if source.startswith("hub:"):
-        name = source[len("hub:"):]
-        if name not in RELEASED:
-            raise ValueError(f"unknown released model {name!r}; choose from {RELEASED}")
+    """The backbone tensors named by ``source`` (see the module docstring), with official key names.
+
+    ``source`` is parsed by the one model-source parser (components/registry/uri.py): ``hub:NAME`` or a
+    bare released name (``dinov2_vits14``) is the official download, anything else a local path."""
+    released = source.removeprefix(HUB_PREFIX)
+    if source.startswith(HUB_PREFIX) or released in RELEASED:
+        name = parse_source(HUB_PREFIX + released).name
+        assert name is not None
         raw = torch.hub.load_state_dict_from_url(official_url(name), map_location="cpu")
         return normalise_keys(raw)
-    path = Path(source)
+    path = Path(parse_source(source).require("path").text)
     if path.is_dir():
         from safetensors.torch import load_file
 

@@ -12,16 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from components.models.export import find_backbone_dir
 from components.registry.lineage import run_lineage
-from components.registry.resolve import download_once, find_backbone_dir, registry_version
-
-
-def default_client(client: Any | None) -> Any:
-    if client is not None:
-        return client
-    from mlflow import MlflowClient
-
-    return MlflowClient()
+from components.registry.resolve import client_tracking_uri, default_client, download_once, registry_version
+from components.registry.uri import registry_uri
 
 
 def version_summary(version: Any, aliases: list[str] | None = None) -> dict[str, Any]:
@@ -80,7 +74,7 @@ def pull_model(uri: str, dest: Path, client: Any | None = None, overwrite: bool 
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pull-"))
     try:
-        downloaded = download_once(str(version.source), staging / "files")
+        downloaded = download_once(str(version.source), staging / "files", client_tracking_uri(client))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(downloaded, dest)
@@ -90,11 +84,6 @@ def pull_model(uri: str, dest: Path, client: Any | None = None, overwrite: bool 
     return {"uri": uri, "name": version.name, "version": str(version.version), "dest": str(dest),
             "kind": "pyfunc" if (dest / "MLmodel").is_file() else "backbone", "backbone_dir": str(backbone),
             "files": sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())}
-
-
-def registry_uri(text: str) -> str:
-    """Accept ``NAME@ALIAS`` / ``NAME/VERSION`` as well as the full ``models:/`` form."""
-    return text if text.startswith("models:/") else f"models:/{text}"
 
 
 def escape(name: str) -> str:

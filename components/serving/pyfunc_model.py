@@ -1,8 +1,9 @@
 """The MLflow pyfunc model, logged "from code": MLflow stores this file, not a pickle.
 
-``log_backbone_pyfunc`` passes this file's path as ``python_model``; MLflow copies it into the model
-and executes it when loading, so the ``set_model`` call at the bottom is how MLflow finds the model
-(the one import-time side effect in dinoflow, and the mechanism requires it). Weights travel as the
+``components.registry.publish.log_backbone_pyfunc`` passes this file's path as ``python_model``;
+MLflow copies it into the model and executes it when loading, so the ``set_model`` call at the
+bottom is how MLflow finds the model (the one import-time side effect in dinoflow, and the mechanism
+requires it). Weights travel as the
 ``backbone`` artifact: the safetensors + config.json folder, never unpickled. Loading needs the
 dinoflow package (for the ViT code) in the serving environment.
 
@@ -19,8 +20,7 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from components.models.export import load_backbone
-from components.registry.resolve import find_backbone_dir
+from components.models.export import find_backbone_dir, load_backbone
 from components.serving.embed import EmbedOptions, embed_images
 from components.serving.images import decode_images
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from components.curation.config import CurateConfig, load_curate_config
 from components.curation.demo_pool import build_curation_demo, score_against_truth
 from components.curation.pictures import cluster_grid, duplicate_grid
 from components.curation.pipeline import CURATE_REASONS, CurationResult, run_curation
+from components.registry.resolve import resolve
 from components.stages.context import StageContext
-from components.storage import ObjectStore, open_store
+from components.storage import ObjectStore, StoreLocator, open_store, read_uri
 from components.storage.atomic import write_parquet_atomic, write_text_atomic
 from components.tracking import stage_run
 from components.tracking.datasets import log_manifest_input
@@ -39,6 +41,13 @@ class CurateOutputs:
     report_path: Path
     stats: dict[str, Any]
     run_id: str
+
+    def summary(self) -> dict[str, object]:
+        """What the CLI prints, the flow returns and its report shows: paths, counts, the MLflow run."""
+        return {"manifest": str(self.manifest_path), "rejects": str(self.rejects_path),
+                "stats_path": str(self.stats_path), "report": str(self.report_path),
+                "pictures": {name: str(path) for name, path in self.pictures.items()},
+                "mlflow_run_id": self.run_id, "steps": self.stats["steps"], "stats": self.stats}
 
 
 def resolved(path: str, root: Path) -> Path:
@@ -60,14 +69,13 @@ def with_demo(cfg: CurateConfig, context: StageContext) -> tuple[CurateConfig, p
 
 
 def resolve_backbone(cfg: CurateConfig, context: StageContext) -> CurateConfig:
-    """A registry URI becomes its downloaded folder, a relative folder an absolute one (inside the run)."""
-    spec = cfg.embed.backbone
-    if spec.startswith(("random:", "pixels:", "state_dict:")):
+    """A registry URI becomes its downloaded backbone folder, a relative folder an absolute one (inside the
+    run, so the registry is the project's); ``pixels:``, ``random:``, ``state_dict:`` stay as they are."""
+    model = resolve(cfg.embed.backbone, context.root, context.state / "cache" / "models")
+    if model.source.kind not in ("registry", "path"):
         return cfg
-    from components.stages.evaluate import resolve_model  # shared resolver: models:/NAME@ALIAS, models:/NAME/N
-
     out = copy.deepcopy(cfg)
-    out.embed.backbone = str(resolve_model(spec, context.root, context.state).directory)
+    out.embed.backbone = str(model.require_backbone_dir())
     return out
 
 
@@ -82,17 +90,22 @@ def run_curate(context: StageContext, cfg: CurateConfig) -> CurateOutputs:
     def store_opener(uri: str) -> ObjectStore:  # the project's S3 endpoint/region apply to the pool too
         return open_store(uri, endpoint_url=project_store.endpoint_url, region=project_store.region)
 
+    # The configured store's images are recorded by key, other project paths relative to the root: the
+    # outputs (work dir included) are DVC outputs and must be the same files in every checkout.
+    locator = StoreLocator.for_store(context.store, project=context.root)
+
     with stage_run(context.tracking, "curate", cfg, tags=context.tags) as run:
         effective, truth = with_demo(cfg, context)
         effective = resolve_backbone(effective, context)
-        result = run_curation(effective, work_dir, store_opener)
+        result = run_curation(effective, work_dir, store_opener, locator)
         stats = dict(result.stats)
         if truth is not None:
             stats["demo"] = score_against_truth(truth, result.ingest_kept, result.rejected, result.manifest)
         paths = write_outputs(result, stats, effective, context.root)
-        pictures = draw_pictures(result, effective, resolved(cfg.outputs.pictures, context.root))
+        pictures = draw_pictures(result, effective, resolved(cfg.outputs.pictures, context.root), locator.read)
         report = resolved(cfg.outputs.pictures, context.root) / "report.md"
-        write_text_atomic(curate_markdown(stats, pictures), report)
+        # the pictures sit next to the report: named relative to it (a DVC output), not by absolute path
+        write_text_atomic(curate_markdown(stats, {name: Path(path.name) for name, path in pictures.items()}), report)
         mlflow.log_metrics(run_metrics(stats))
         mlflow.set_tags({"dinoflow.curate.pool": effective.ingest.pool,
                          "dinoflow.curate.embedder": effective.embed.backbone})
@@ -124,19 +137,21 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def draw_pictures(result: CurationResult, cfg: CurateConfig, folder: Path) -> dict[str, Path]:
+def draw_pictures(result: CurationResult, cfg: CurateConfig, folder: Path,
+                  read: Callable[[str], bytes] = read_uri) -> dict[str, Path]:
+    """The duplicate-groups and cluster grids; ``read`` fetches a ``uri`` of the tables (keys included)."""
     uri_of = dict(zip(result.ingest_kept["id"].to_list(), result.ingest_kept["uri"].to_list(), strict=True))
     out = cfg.outputs
     groups = [(f"{len(removed) + 1} images", [uri_of[kept], *[uri_of[r] for r in removed]])
               for kept, removed in result.duplicate_groups[:out.grid_groups]]
-    pictures = {"duplicates": duplicate_grid(groups, folder / "duplicates.png", per_row=out.grid_per_row)}
+    pictures = {"duplicates": duplicate_grid(groups, folder / "duplicates.png", per_row=out.grid_per_row, read=read)}
     if result.clusters is not None and result.clusters.height:
         sizes = result.clusters.group_by("cluster").len().sort(["len", "cluster"], descending=[True, False])
         rows = []
         for cluster, size in sizes.head(out.grid_clusters).iter_rows():
             members = result.clusters.filter(pl.col("cluster") == cluster).sort("id")["id"].head(out.grid_per_row)
             rows.append((f"cluster {cluster} (n={size})", [uri_of[i] for i in members.to_list()]))
-        pictures["clusters"] = cluster_grid(rows, folder / "clusters.png", per_row=out.grid_per_row)
+        pictures["clusters"] = cluster_grid(rows, folder / "clusters.png", per_row=out.grid_per_row, read=read)
     return pictures
 
 

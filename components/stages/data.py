@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from components.config import load_config
@@ -10,8 +11,8 @@ from components.stages.context import StageContext
 from components.tracking import stage_run
 
 
-def load_data_config(path: str | Path = "params/data.yaml") -> DemoDataConfig:
-    return load_config(DemoDataConfig, path, section="demo")
+def load_data_config(path: str | Path = "params/data.yaml", overrides: Sequence[str] = ()) -> DemoDataConfig:
+    return load_config(DemoDataConfig, path, section="demo", overrides=overrides)
 
 
 def run_data(context: StageContext, config: DemoDataConfig) -> DemoDataResult:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +20,15 @@ from components.distill.config import DistillConfig, load_distill_config
 from components.distill.meta_arch import DistillMetaArch, Mode, distill_recipe, objective_for_teacher
 from components.distill.teacher import FrozenTeacher, load_teacher, resolve_mode
 from components.models.export import save_backbone
-from components.registry.resolve import safe_name
+from components.registry.publish import register_backbone
+from components.registry.resolve import resolve, version_checkpoint
 from components.stages.context import StageContext
-from components.stages.evaluate import resolve_model
-from components.stages.pretrain import register
 from components.storage.atomic import write_text_atomic
 from components.tracking import stage_run
 from components.tracking.mlflow_setup import configure
-from components.train import checkpoint as ckpt
+from components.tracking.steps import MlflowStepTracker
 from components.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
 from components.train.engine import PretrainResult, run_pretraining
-from components.train.tracking import MlflowStepTracker
 
 __all__ = ["DistillOutputs", "TeacherRef", "load_distill_config", "run_distill"]
 
@@ -56,6 +51,13 @@ class DistillOutputs:
     backbone_dir: Path | None  # the exported student EMA backbone (rank 0, when training finished)
     run_id: str | None
     model_version: str | None
+
+    def summary(self) -> dict[str, object]:
+        """What the CLI prints, the flow returns and its report shows: steps, the teacher, paths, ids, losses."""
+        return {**self.result.summary(), "mode": self.mode, "teacher_uri": self.teacher.uri,
+                "teacher_name": self.teacher.name, "teacher_version": self.teacher.version,
+                "backbone_dir": str(self.backbone_dir) if self.backbone_dir else None,
+                "mlflow_run_id": self.run_id, "model_version": self.model_version}
 
 
 def run_distill(context: StageContext, cfg: DistillConfig) -> DistillOutputs:
@@ -90,8 +92,8 @@ def run_distill(context: StageContext, cfg: DistillConfig) -> DistillOutputs:
                 mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
                 if cfg.run.log_checkpoint_to_mlflow and result.checkpoint is not None:
                     mlflow.log_artifacts(str(result.checkpoint), artifact_path="checkpoint")
-                version = register(cfg.run.registered_model_name, run.info.run_id, backbone_dir)
-                tag_version(cfg.run.registered_model_name, version, lineage)
+                version = register_backbone(cfg.run.registered_model_name, run.info.run_id, backbone_dir,
+                                            tags=lineage)
             mlflow.log_metrics({"final_step": float(result.end_step), "skipped_images": float(result.skipped_images)})
             write_metrics(context.root, cfg, result, mode)
         barrier()
@@ -112,45 +114,22 @@ def prepare(cfg: DistillConfig, ref: TeacherRef, env: DistEnv) -> tuple[FrozenTe
 
 
 def resolve_teacher(cfg: DistillConfig, context: StageContext) -> TeacherRef:
-    """A local path for the configured teacher: registry versions are downloaded to the state folder."""
+    """A local path for the configured teacher: registry versions are downloaded to the state folder, with
+    the training checkpoint of their run (heads included) when it logged one and the mode can use heads."""
     source = cfg.teacher.source
-    if source.startswith("models:/"):
-        model = resolve_model(source, context.root, context.state)
-        assert model.name is not None and model.version is not None
-        location = str(model.directory)
+    cache = context.state / "cache" / "models"
+    model = resolve(source, context.root, cache)
+    if model.from_registry:
+        assert model.name is not None and model.version is not None and model.backbone_dir is not None
+        location = str(model.backbone_dir)
         if cfg.teacher.mode != "features" and cfg.teacher.use_registry_checkpoint:
-            checkpoint = registry_checkpoint(model.name, model.version, context.state)
+            checkpoint = version_checkpoint(model, cache)
             location = str(checkpoint) if checkpoint is not None else location
         return TeacherRef(uri=source, location=location, name=model.name, version=model.version)
-    if source.startswith("hub:") or Path(source).is_absolute():
-        return TeacherRef(uri=source, location=source)
-    return TeacherRef(uri=source, location=str(context.root / source))
-
-
-def registry_checkpoint(name: str, version: str, state: Path) -> Path | None:
-    """The training checkpoint (with heads) logged by the run behind a registry version, if it logged one;
-    downloaded once into ``<state>/cache/models/NAME/VERSION-checkpoint`` (staging folder, then rename)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    run_id = client.get_model_version(name, version).run_id
-    if not run_id or not client.list_artifacts(run_id, "checkpoint"):
-        return None
-    target = state / "cache" / "models" / safe_name(name) / f"{version}-checkpoint-{run_id[:12]}"
-    if ckpt.is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint",
-                                                         dst_path=str(staging)))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(local, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target if ckpt.is_complete(target) else None
+    if model.source.kind == "path":
+        assert model.directory is not None
+        return TeacherRef(uri=source, location=str(model.directory))
+    return TeacherRef(uri=source, location=source)  # hub: and state_dict: name their own weights
 
 
 def lineage_tags(ref: TeacherRef, teacher: FrozenTeacher, mode: Mode) -> dict[str, str]:
@@ -160,14 +139,6 @@ def lineage_tags(ref: TeacherRef, teacher: FrozenTeacher, mode: Mode) -> dict[st
     if ref.name is not None and ref.version is not None:
         tags.update({f"{TAG_PREFIX}teacher_name": ref.name, f"{TAG_PREFIX}teacher_version": ref.version})
     return tags
-
-
-def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
 
 
 # ---------------------------------------------------------------- outputs

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from components.data import fashion_mnist
-from components.evaluate.champion import ChampionMetrics, champion_metrics, version_by_alias
-from components.evaluate.config import EvaluateConfig, load_evaluate_config, parse_registry_uri
+from components.evaluate.config import EvaluateConfig, load_evaluate_config
 from components.evaluate.copydetect import evaluate_copydetect
 from components.evaluate.dense import DenseConfig, evaluate_dense
 from components.evaluate.features import (
@@ -44,13 +43,24 @@ from components.evaluate.features import (
 from components.evaluate.knn import knn_classify
 from components.evaluate.linear import linear_probe, logreg_probe
 from components.evaluate.pca_picture import evaluate_pca_picture
-from components.evaluate.promotion import Decision, apply_decision, decide, record_failure
+from components.evaluate.promotion import Decision, decide
 from components.evaluate.retrieval import RetrievalConfig, evaluate_retrieval
 from components.models.builders import build_backbone
-from components.models.export import BackboneBundle, load_backbone
+from components.models.export import BackboneBundle
 from components.models.vit import DinoVisionTransformer
-from components.registry.resolve import find_backbone_dir
+from components.registry.loader import load_resolved
+from components.registry.promotion import (
+    ChampionMetrics,
+    apply_decision,
+    champion_metrics,
+    record_failure,
+    version_by_alias,
+)
+from components.registry.publish import tag_evaluation
+from components.registry.resolve import ResolvedModel, resolve
+from components.registry.uri import alias_uri, parse_source, version_uri
 from components.stages.context import StageContext
+from components.storage.atomic import write_text_atomic
 from components.tracking import stage_run
 from components.tracking.mlflow_setup import configure
 
@@ -59,7 +69,6 @@ __all__ = [
     "EvaluateOutputs",
     "EvaluationFailed",
     "PromotionOutcome",
-    "ResolvedModel",
     "load_evaluate_config",
     "model_metrics",
     "run_evaluate",
@@ -67,16 +76,7 @@ __all__ = [
 ]
 
 NUM_CLASSES = len(fashion_mnist.CLASS_NAMES)
-MODEL_TAG_PREFIX = "eval."
 BASELINE_PREFIX = "baseline_"
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    uri: str  # as configured
-    directory: Path  # local backbone folder
-    name: str | None = None  # registered model name, when from the registry
-    version: str | None = None  # its resolved version number
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,14 @@ class EvaluateOutputs:
     plots_path: Path
     champion: ChampionMetrics | None = None  # the champion's eval.* numbers, when it is another version
 
+    def summary(self) -> dict[str, object]:
+        """What the CLI prints, the flow returns and its report shows: metrics and ids (no features),
+        the champion's numbers if any."""
+        champion = None if self.champion is None else {"version": self.champion.version,
+                                                       "metrics": self.champion.metrics}
+        return {"model": self.model.uri, "model_version": self.model.version, "mlflow_run_id": self.run_id,
+                "metrics_path": str(self.metrics_path), "metrics": self.metrics, "champion": champion}
+
 
 def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
     import mlflow
@@ -108,10 +116,9 @@ def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
     data = load_eval_data(cfg, context.state)
     with stage_run(context.tracking, "evaluate", cfg, tags=context.tags) as run:
         # Resolved inside the run: stage_run has pointed MLflow (and its registry) at the project's server.
-        model = resolve_model(cfg.model, context.root, context.state)
+        model = resolve(cfg.model, context.root, context.state / "cache" / "models")
         mlflow.set_tags(model_tags(model))
-        # A registered pyfunc model keeps the backbone folder under artifacts/; a plain folder is itself.
-        bundle = load_backbone(find_backbone_dir(model.directory), device=cfg.device)
+        bundle = load_resolved(model, device=cfg.device, root=context.root)
         metrics = evaluate_backbone(bundle.model, bundle, data, cfg, cache_dir)
         pictures = Path(tempfile.mkdtemp(prefix="eval-pictures-", dir=ensure_dir(context.state / "tmp")))
         try:
@@ -141,7 +148,7 @@ def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
         mlflow.log_artifact(str(metrics_path), artifact_path="eval")
         mlflow.log_artifact(str(plots_path), artifact_path="eval")
         if model.name is not None and model.version is not None:
-            tag_model_version(model, metrics, run.info.run_id)
+            tag_evaluation(model.name, model.version, metrics, run.info.run_id)
         champion = current_champion(cfg.champion, model)
         if champion is not None:
             mlflow.set_tag("dinoflow.eval.champion_version", champion.version)
@@ -160,8 +167,8 @@ def current_champion(champion_uri: str, model: ResolvedModel) -> ChampionMetrics
         return None
     from mlflow import MlflowClient
 
-    ref = parse_registry_uri(champion_uri)
-    assert ref.alias is not None  # EvaluateConfig.validate refuses a champion given by version
+    ref = parse_source(champion_uri).require("registry")
+    assert ref.name is not None and ref.alias is not None  # EvaluateConfig.validate refuses a version number
     same_model = model.version if model.name == ref.name else None
     return champion_metrics(MlflowClient(), ref.name, ref.alias, exclude_version=same_model)
 
@@ -215,36 +222,11 @@ def optional_suites(bundle: BackboneBundle, cfg: EvaluateConfig, context: StageC
 # ---------------------------------------------------------------- model
 
 
-def resolve_model(uri: str, root: Path, state: Path) -> ResolvedModel:
-    """A local folder as is (relative to ``root``); a registry URI downloaded once to ``<state>/cache/models``
-    (components/registry/resolve.py: plain backbone versions and pyfunc versions alike)."""
-    if not uri.startswith("models:/"):
-        directory = Path(uri)
-        return ResolvedModel(uri=uri, directory=directory if directory.is_absolute() else root / directory)
-    from components.registry.resolve import resolve_model_uri
-
-    parse_registry_uri(uri)  # a clear error for a malformed URI before any registry call
-    resolved = resolve_model_uri(uri, state / "cache" / "models")
-    return ResolvedModel(uri=uri, directory=resolved.backbone_dir, name=resolved.name, version=resolved.version)
-
-
 def model_tags(model: ResolvedModel) -> dict[str, str]:
     tags = {"dinoflow.eval.model_uri": model.uri}
     if model.name is not None and model.version is not None:
         tags.update({"dinoflow.eval.model_name": model.name, "dinoflow.eval.model_version": model.version})
     return tags
-
-
-def tag_model_version(model: ResolvedModel, metrics: dict[str, float], run_id: str) -> None:
-    """The model's own metrics (not the baselines') as ``eval.*`` tags on its registry version."""
-    from mlflow import MlflowClient
-
-    assert model.name is not None and model.version is not None
-    client = MlflowClient()
-    client.set_model_version_tag(model.name, model.version, f"{MODEL_TAG_PREFIX}run_id", run_id)
-    for key, value in metrics.items():
-        if "." not in key:
-            client.set_model_version_tag(model.name, model.version, f"{MODEL_TAG_PREFIX}{key}", f"{value:.6f}")
 
 
 # ---------------------------------------------------------------- data
@@ -341,8 +323,8 @@ def knn_sweep(metrics: dict[str, float], ks: list[int]) -> list[dict[str, float]
 
 
 def write_json(path: Path, payload: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """A DVC metrics / plots file, written to a temp file and renamed into place (never half-written)."""
+    write_text_atomic(json.dumps(payload, indent=2, sort_keys=True) + "\n", path)
     return path
 
 
@@ -425,7 +407,7 @@ def round_config(cfg: EvaluateConfig, context: StageContext, name: str, version:
     belong to the DVC stage), and the champion column only on the challenger's report."""
     reports = context.state / "scheduled-eval"
     return dataclasses.replace(
-        cfg, model=f"models:/{name}/{version}",
+        cfg, model=version_uri(name, version),
         metrics_path=str(reports / f"{role}.json"), plots_path=str(reports / f"{role}_knn_sweep.json"),
-        champion=f"models:/{name}@{cfg.promotion.champion_alias}" if role == "challenger" else "",
+        champion=alias_uri(name, cfg.promotion.champion_alias) if role == "challenger" else "",
     )

@@ -7,20 +7,20 @@ checkpoint in ``run.output_dir/checkpoints``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from components.models.export import save_backbone
+from components.registry.publish import register_backbone
 from components.stages.context import StageContext
 from components.storage.atomic import write_text_atomic
 from components.tracking import log_manifest_input, stage_run
+from components.tracking.steps import MlflowStepTracker
 from components.train.checkpoint import latest_checkpoint
 from components.train.config import PretrainConfig, load_pretrain_config
 from components.train.distributed import barrier, init_distributed, shutdown_distributed
 from components.train.engine import PretrainResult, run_pretraining
-from components.train.tracking import MlflowStepTracker
 
 __all__ = ["PretrainOutputs", "load_pretrain_config", "run_pretrain"]
 
@@ -31,6 +31,11 @@ class PretrainOutputs:
     backbone_dir: Path | None  # exported teacher backbone (rank 0, when training finished)
     run_id: str | None
     model_version: str | None
+
+    def summary(self) -> dict[str, object]:
+        """What the CLI prints, the flow returns and its report shows: steps, paths, ids, last losses."""
+        return {**self.result.summary(), "backbone_dir": str(self.backbone_dir) if self.backbone_dir else None,
+                "mlflow_run_id": self.run_id, "model_version": self.model_version}
 
 
 def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
@@ -58,7 +63,7 @@ def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
                 checkpoint = result.checkpoint or latest_checkpoint(context.root / cfg.run.output_dir / "checkpoints")
                 if cfg.run.log_checkpoint_to_mlflow and checkpoint is not None:
                     mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
-                version = register(cfg.run.registered_model_name, run.info.run_id, backbone_dir)
+                version = register_backbone(cfg.run.registered_model_name, run.info.run_id, backbone_dir)
             mlflow.log_metrics({"final_step": float(result.end_step), "skipped_images": float(result.skipped_images)})
             write_metrics(context.root, cfg, result)
         barrier()
@@ -78,33 +83,6 @@ def export_teacher(cfg: PretrainConfig, root: Path, model: object, run_id: str, 
         mean=crops.normalize_mean, std=crops.normalize_std,
         metadata={"mlflow_run_id": run_id, "step": result.end_step, "global_crops_size": crops.global_crops_size},
     )
-
-
-def register(name: str, run_id: str, backbone_dir: Path | None = None) -> str:
-    """Register the run's backbone as a new version of ``name`` and point ``challenger`` at it.
-
-    With ``backbone_dir`` (inside the active run) the version is an MLflow pyfunc model logged from
-    code (components/serving): servable with ``mlflow models serve``, no pickle. Without it, the run's
-    plain ``backbone`` artifact folder is registered (older versions, tests).
-    """
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    if backbone_dir is not None:
-        from components.serving import log_backbone_pyfunc
-
-        model_uri = log_backbone_pyfunc(backbone_dir, artifact_path="model")
-        version = mlflow.register_model(model_uri, name, tags={"dinoflow.kind": "backbone",
-                                                               "dinoflow.format": "pyfunc"})
-    else:
-        with contextlib.suppress(MlflowException):  # already registered
-            client.create_registered_model(name)
-        source = f"{client.get_run(run_id).info.artifact_uri}/backbone"
-        version = client.create_model_version(name, source, run_id=run_id, tags={"dinoflow.kind": "backbone"})
-    client.set_registered_model_alias(name, "challenger", version.version)
-    return str(version.version)
 
 
 def write_metrics(root: Path, cfg: PretrainConfig, result: PretrainResult) -> None:

@@ -1,4 +1,8 @@
-"""Object stores: one small interface, a local-folder backend and an S3 backend."""
+"""Object stores: one small interface, a local-folder backend and an S3 backend.
+
+``StoreLocator`` (locations.py) writes objects of the configured store as keys in tables and resolves
+them back when read, so the tables are the same in every checkout.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from urllib.parse import unquote, urlparse
 
 from components.storage.base import InvalidKeyError, ObjectNotFoundError, ObjectStore, check_key, join_key
 from components.storage.local import LocalObjectStore
+from components.storage.locations import StoreLocator, is_store_key
 from components.storage.s3 import S3ObjectStore, parse_s3_uri
 
 
@@ -50,8 +55,10 @@ __all__ = [
     "ObjectNotFoundError",
     "ObjectStore",
     "S3ObjectStore",
+    "StoreLocator",
     "check_key",
     "file_uri_to_path",
+    "is_store_key",
     "join_key",
     "open_store",
     "parse_s3_uri",

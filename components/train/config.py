@@ -6,6 +6,7 @@ presets override them (``params/pretrain.yaml`` ships the CPU preset for Fashion
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -117,5 +118,5 @@ class PretrainConfig:
             raise ValueError("highres.iterations must be smaller than objective.optim.iterations")
 
 
-def load_pretrain_config(path: str | Path = "params/pretrain.yaml") -> PretrainConfig:
-    return load_config(PretrainConfig, path, section="pretrain")
+def load_pretrain_config(path: str | Path = "params/pretrain.yaml", overrides: Sequence[str] = ()) -> PretrainConfig:
+    return load_config(PretrainConfig, path, section="pretrain", overrides=overrides)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from components.config import to_mapping
+from components.config.project import configured_store_locator
 from components.data.batched_multicrop import BatchAugmenter, BatchedCrops, raw_sample
 from components.data.collate import cast_batch, crops_of, stack_crop_major
 from components.data.manifest_dataset import (
@@ -47,7 +48,7 @@ from components.models.pretrained import load_pretrained_backbone
 from components.ssl.meta_arch import SSLMetaArch
 from components.ssl.param_groups import apply_schedules
 from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_lr
-from components.storage import ObjectStore
+from components.storage import ObjectStore, StoreLocator
 from components.train import checkpoint as ckpt
 from components.train.config import PretrainConfig
 from components.train.distributed import DistEnv, all_reduce_gradients, any_rank, barrier, broadcast_module
@@ -84,6 +85,12 @@ class PretrainResult:
     @property
     def finished(self) -> bool:
         return self.end_step >= self.total_steps
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready: the steps done, the newest checkpoint, skipped images and the last losses."""
+        return {"start_step": self.start_step, "end_step": self.end_step, "total_steps": self.total_steps,
+                "skipped_images": self.skipped_images,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "losses": self.last_losses}
 
 
 def schedules_for(cfg: PretrainConfig, global_batch: int) -> TrainingSchedules:
@@ -126,8 +133,10 @@ def loader_functions(cfg: PretrainConfig, crops: MultiCropConfig
 class DataStream:
     """Per-rank lists of augmented samples for each step, restartable at any step and crop phase."""
 
-    def __init__(self, cfg: PretrainConfig, env: DistEnv, root: Path) -> None:
+    def __init__(self, cfg: PretrainConfig, env: DistEnv, root: Path, store: ObjectStore | None = None) -> None:
         self.cfg, self.env = cfg, env
+        # A manifest's keys resolve against the stage's store, else the configured store of the project at root.
+        self.locator = StoreLocator.for_store(store) if store is not None else configured_store_locator(root)
         manifest = Path(cfg.data.manifest)
         self.manifest = manifest if manifest.is_absolute() else root / manifest
         import polars as pl
@@ -166,7 +175,7 @@ class DataStream:
     def _loader(self, crops: MultiCropConfig, start: int) -> torch.utils.data.DataLoader[Any]:
         d = self.cfg.data
         transform, collate = loader_functions(self.cfg, crops)
-        dataset = ManifestImageDataset(self.frame, transform, seed=d.seed)
+        dataset = ManifestImageDataset(self.frame, transform, seed=d.seed, store=self.locator)
         sampler = InfiniteShardedSampler(len(dataset), rank=self.env.rank, world_size=self.env.world_size,
                                          seed=d.seed, start=start, tag_epoch=True)
         return build_pretrain_loader(dataset, sampler, d.batch_size_per_rank, skip_corrupt(collate),
@@ -385,7 +394,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
     fingerprint = recipe.fingerprint(cfg)
     start, position = restore(model, optimizer, checkpoints, env, fingerprint, cfg.data.seed)
     total = cfg.objective.optim.iterations
-    stream = DataStream(cfg, env, root)
+    stream = DataStream(cfg, env, root, store)
     stream.seek(start, position)
     schedules = schedules_for(cfg, stream.global_batch)
     end = total if cfg.run.max_steps <= 0 else min(total, start + cfg.run.max_steps)

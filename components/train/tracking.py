@@ -1,12 +1,12 @@
-"""Rank-0 tracking of a training run: MLflow metrics logged asynchronously, a terminal progress bar.
+"""What the training loop knows of tracking: the StepTracker protocol, and the FLOP counts behind MFU.
 
-MLflow's asynchronous logging queues metrics on a background thread, so a slow tracking server never
-stalls a training step. Every other rank gets a tracker that does nothing.
+The loop calls ``log_step`` / ``close`` on whatever tracker the stage hands it; the MLflow one lives in
+components/tracking/steps.py, so components/train/ never imports MLflow. Every rank but 0 (and any
+run without a tracker) gets :class:`NullTracker`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -23,35 +23,6 @@ class NullTracker:
 
     def close(self) -> None:
         return None
-
-
-class MlflowStepTracker:
-    """Per-step metrics to the active MLflow run (async) and a tqdm bar with ETA."""
-
-    def __init__(self, total_steps: int, start_step: int, show_progress: bool = True) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
-                         disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
-        self._last_step = start_step
-        self._started = time.perf_counter()
-
-    def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
-        import mlflow
-
-        mlflow.log_metrics(dict(metrics), step=step, synchronous=False)
-        self._bar.update(step + 1 - self._last_step)
-        self._last_step = step + 1
-        shown = {k: f"{metrics[k]:.3f}" for k in ("total_loss", "images_per_second") if k in metrics}
-        self._bar.set_postfix(shown, refresh=False)
-
-    def close(self) -> None:
-        import mlflow
-
-        self._bar.close()
-        flush = getattr(mlflow, "flush_async_logging", None)
-        if callable(flush):
-            flush()
 
 
 def flops_per_image(model: Any, global_size: int, local_size: int, n_local: int, device: Any) -> float:
