@@ -36,7 +36,14 @@ def decision_markdown(summary: dict[str, object]) -> str:
              f"- champion before: {summary['champion_before'] or 'none'}",
              f"- challenger: {summary['challenger'] or 'none'}",
              f"- decision: **{summary['decision'] or 'nothing to compare'}**",
-             f"- champion after: {summary['champion_after'] or 'none'}", ""]
+             f"- champion after: {summary['champion_after'] or 'none'}"]
+    interval = summary.get("interval")
+    if isinstance(interval, dict):
+        lines.append(f"- primary metric improvement: {interval['delta']:+.4f}, "
+                     f"{100 * interval['confidence']:.0f}% interval {interval['ci_low']:+.4f} to "
+                     f"{interval['ci_high']:+.4f} (paired bootstrap, {int(interval['n_queries']):,} queries, "
+                     f"{int(interval['n_resamples']):,} resamples)")
+    lines.append("")
     lines += [f"- {reason}" for reason in reasons]
     if "challenger" in metrics:
         lines += ["", comparison_table(metrics["challenger"], metrics.get("champion"))]

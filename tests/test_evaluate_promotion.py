@@ -23,7 +23,8 @@ from components.stages.context import StageContext, make_context
 from components.stages.evaluate import EvaluationFailed, run_evaluate, run_promotion
 from components.tracking.mlflow_setup import configure
 
-ARCH = BackboneConfig(arch="vit_pico", patch_size=4, img_size=28)
+# LayerScale off: an untrained ViT then gives distinct features (k-NN well above chance), a dead one exactly chance.
+ARCH = BackboneConfig(arch="vit_pico", patch_size=4, img_size=28, layerscale_init=None)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -85,6 +86,7 @@ def tiny_config(tmp_path: Path, name: str) -> EvaluateConfig:
     cfg.dataset.train_per_class, cfg.dataset.test_per_class = 20, 10
     cfg.baselines.random_init = cfg.baselines.pixels = cfg.baselines.random_no_layerscale = False
     cfg.schedule.model_name = name
+    cfg.promotion.queries_per_class = 10  # 100 validation queries: the test models differ by far more than its CI
     return cfg
 
 
@@ -149,6 +151,9 @@ def test_rounds_promote_better_keep_champion_against_worse_and_reuse_features(tm
     delta = float(version_tags(name, v2)["promotion.primary_delta"])
     assert delta == pytest.approx(second.evaluations["challenger"].metrics["knn_top1_k20"] - 0.1, abs=1e-6)
     assert delta >= cfg.promotion.min_improvement
+    interval = second.summary()["interval"]  # the promotion cleared the margin with its lower bound
+    assert isinstance(interval, dict) and interval["n_queries"] == 100 and interval["ci_low"] >= 0.005
+    assert interval["delta"] == pytest.approx(delta, abs=1e-6)
     for version, role in ((v1, "champion"), (v2, "challenger")):
         tags = version_tags(name, version)
         assert tags["promotion.role"] == role and tags["promotion.challenger_version"] == v2

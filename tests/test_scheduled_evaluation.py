@@ -117,3 +117,4 @@ def test_scheduled_flow_promotes_the_better_challenger(tmp_path: Path) -> None:
 
     markdown = asyncio.run(artifact_markdown())
     assert f"`{name}`" in markdown and "decision: **promoted**" in markdown
+    assert "paired bootstrap" in markdown and "95% interval" in markdown

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from components.config.loader import load_config
 from components.data import fashion_mnist
@@ -28,12 +29,19 @@ class EvalDatasetConfig:
     test_per_class: int = 50  # 0 = the whole split (1,000 per class)
     seed: int = 0
     allow_fetch: bool = True
+    # The queries: "test" (the official test split) or "validation": ``test_per_class`` images per class
+    # from the train split, disjoint from the references (champion / challenger rounds use it by default,
+    # so that choosing between models never looks at the test split).
+    queries: Literal["test", "validation"] = "test"
 
     def validate(self) -> None:
         if self.train_per_class < 0 or self.test_per_class < 0:
             raise ValueError("train_per_class and test_per_class must be >= 0")
         if self.train_per_class == 1:
             raise ValueError("train_per_class must be 0 or >= 2: the probes carve a validation split from train")
+        if self.queries == "validation" and (self.train_per_class == 0 or self.test_per_class == 0):
+            raise ValueError("validation queries come from the train split beside the references: set both "
+                             "train_per_class and test_per_class >= 1")
 
 
 @dataclass

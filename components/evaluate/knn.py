@@ -98,6 +98,35 @@ def knn_predict(
     return {k: torch.cat(chunks) for k, chunks in scores.items()}
 
 
+def knn_evaluate(
+    train_features: np.ndarray | torch.Tensor,
+    train_labels: np.ndarray | torch.Tensor,
+    test_features: np.ndarray | torch.Tensor,
+    test_labels: np.ndarray | torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    num_classes: int | None = None,
+    query_chunk: int = 256,
+    train_chunk: int = 65536,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Top-1 / top-5 accuracy (fractions in [0, 1]) as ``{"knn_top1_k20": ..., "knn_top5_k20": ...}``, and
+    each query's hit (bool, (N_test,)) under the same keys: the paired samples a comparison of two models
+    on the same queries needs (components/evaluate/bootstrap.py)."""
+    targets = _labels(test_labels)  # (N_test,)
+    scores = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes,
+                         query_chunk, train_chunk)
+    metrics: dict[str, float] = {}
+    per_query: dict[str, np.ndarray] = {}
+    for k, votes in scores.items():
+        ranked = ranked_classes(votes)  # (N_test, C)
+        hits = ranked[:, :5] == targets[:, None]  # (N_test, min(5, C))
+        per_query[f"knn_top1_k{k}"] = hits[:, 0].numpy().copy()
+        per_query[f"knn_top5_k{k}"] = hits.any(dim=1).numpy().copy()
+        metrics[f"knn_top1_k{k}"] = float(hits[:, 0].float().mean())
+        metrics[f"knn_top5_k{k}"] = float(hits.any(dim=1).float().mean())
+    return metrics, per_query
+
+
 def knn_classify(
     train_features: np.ndarray | torch.Tensor,
     train_labels: np.ndarray | torch.Tensor,
@@ -110,13 +139,5 @@ def knn_classify(
     train_chunk: int = 65536,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (fractions in [0, 1]) as ``{"knn_top1_k20": ..., "knn_top5_k20": ...}``."""
-    targets = _labels(test_labels)  # (N_test,)
-    scores = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes,
-                         query_chunk, train_chunk)
-    metrics: dict[str, float] = {}
-    for k, votes in scores.items():
-        ranked = ranked_classes(votes)  # (N_test, C)
-        hits = ranked[:, :5] == targets[:, None]  # (N_test, min(5, C))
-        metrics[f"knn_top1_k{k}"] = float(hits[:, 0].float().mean())
-        metrics[f"knn_top5_k{k}"] = float(hits.any(dim=1).float().mean())
-    return metrics
+    return knn_evaluate(train_features, train_labels, test_features, test_labels, ks, temperature, num_classes,
+                        query_chunk, train_chunk)[0]

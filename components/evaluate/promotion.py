@@ -8,6 +8,9 @@ decision (tags, the alias move) is the registry's: components/registry/promotion
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from components.evaluate.bootstrap import Interval
 
 
 @dataclass
@@ -22,6 +25,17 @@ class PromotionPolicy:
     higher_is_better: dict[str, bool] = field(default_factory=lambda: {"depth_rmse": False})
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
+    # Where a round scores both versions. "validation": queries from the train split, disjoint from the
+    # k-NN / probe references, so repeated rounds never select on the test split; "test": the test split.
+    split: Literal["validation", "test"] = "validation"
+    # Queries per class of that split: 1,000 = 10,000 queries, the size of Fashion-MNIST's test split
+    # (k-NN top-1 then has a standard error of ~0.004; 500 queries had ~0.02). 0 with "test": all of it.
+    queries_per_class: int = 1000
+    # The primary metric's paired bootstrap: promote only when the interval's lower bound clears
+    # min_improvement (a metric without per-query outcomes falls back to the point estimate, said so).
+    bootstrap_resamples: int = 2000
+    confidence: float = 0.95
+    bootstrap_seed: int = 0
 
     def validate(self) -> None:
         if not self.primary_metric:
@@ -32,6 +46,10 @@ class PromotionPolicy:
             raise ValueError("guarded_metrics limits are allowed regressions: each must be >= 0")
         if not self.champion_alias or not self.challenger_alias or self.champion_alias == self.challenger_alias:
             raise ValueError("champion_alias and challenger_alias must be two different non-empty names")
+        if self.queries_per_class < 0 or (self.split == "validation" and self.queries_per_class == 0):
+            raise ValueError("queries_per_class must be >= 1 (0, the whole split, only with split: test)")
+        if self.bootstrap_resamples < 100 or not 0.5 <= self.confidence < 1.0:
+            raise ValueError("bootstrap_resamples must be >= 100 and confidence in [0.5, 1)")
 
     def improvement(self, metric: str, champion: float, challenger: float) -> float:
         """How much better the challenger is (positive) or worse (negative), whatever the metric's direction."""
@@ -47,6 +65,7 @@ class Decision:
     numbers: dict[str, float]
     primary_metric: str
     primary_delta: float | None  # improvement of the primary metric; None without a champion to compare to
+    interval: Interval | None = None  # its paired bootstrap interval (in the improvement's direction)
 
     @property
     def label(self) -> str:
@@ -54,8 +73,12 @@ class Decision:
 
 
 def decide(champion: dict[str, float] | None, challenger: dict[str, float],
-           policy: PromotionPolicy | None = None) -> Decision:
-    """Should ``challenger`` replace ``champion``? ``champion`` None: there is none, so it should."""
+           policy: PromotionPolicy | None = None, interval: Interval | None = None) -> Decision:
+    """Should ``challenger`` replace ``champion``? ``champion`` None: there is none, so it should.
+
+    ``interval``: the paired bootstrap interval of the primary metric's improvement (challenger minus
+    champion, sign flipped for lower-is-better metrics). With it, promotion needs its *lower bound* to
+    clear ``min_improvement``: a difference within the noise of the query set never promotes."""
     policy = policy or PromotionPolicy()
     primary = policy.primary_metric
     if primary not in challenger:
@@ -68,9 +91,17 @@ def decide(champion: dict[str, float] | None, challenger: dict[str, float],
     reasons: list[str] = []
     delta = policy.improvement(primary, champion[primary], challenger[primary])
     numbers.update({f"champion.{primary}": champion[primary], f"improvement.{primary}": delta})
-    promote = delta >= policy.min_improvement
-    reasons.append(f"{primary}: {challenger[primary]:.4f} vs champion {champion[primary]:.4f}, "
-                   f"improvement {delta:+.4f} {'>=' if promote else '<'} required {policy.min_improvement:.4f}")
+    if interval is None:
+        promote = delta >= policy.min_improvement
+        reasons.append(f"{primary}: {challenger[primary]:.4f} vs champion {champion[primary]:.4f}, "
+                       f"improvement {delta:+.4f} {'>=' if promote else '<'} required {policy.min_improvement:.4f} "
+                       "(point estimate: no per-query outcomes for an interval)")
+    else:
+        promote = interval.low >= policy.min_improvement
+        numbers.update({f"interval.{key}": value for key, value in interval.as_numbers().items()})
+        reasons.append(f"{primary}: {challenger[primary]:.4f} vs champion {champion[primary]:.4f}, improvement "
+                       f"{interval.describe()}; lower bound {interval.low:+.4f} "
+                       f"{'>=' if promote else '<'} required {policy.min_improvement:.4f}")
     for metric, allowed in sorted(policy.guarded_metrics.items()):
         if metric not in champion or metric not in challenger:
             side = "champion" if metric not in champion else "challenger"
@@ -84,4 +115,4 @@ def decide(champion: dict[str, float] | None, challenger: dict[str, float],
             reasons.append(f"{metric}: regression {-change:.4f} exceeds allowed {allowed:.4f} (blocks promotion)")
         else:
             reasons.append(f"{metric}: change {change:+.4f} within allowed regression {allowed:.4f}")
-    return Decision(promote, reasons, numbers, primary, delta)
+    return Decision(promote, reasons, numbers, primary, delta, interval)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from components.data import fashion_mnist
+from components.evaluate.bootstrap import Interval, paired_bootstrap
 from components.evaluate.config import EvaluateConfig, load_evaluate_config
 from components.evaluate.copydetect import evaluate_copydetect
 from components.evaluate.dense import DenseConfig, evaluate_dense
@@ -40,10 +41,10 @@ from components.evaluate.features import (
     model_fingerprint,
     pixel_features,
 )
-from components.evaluate.knn import knn_classify
+from components.evaluate.knn import knn_evaluate
 from components.evaluate.linear import linear_probe, logreg_probe
 from components.evaluate.pca_picture import evaluate_pca_picture
-from components.evaluate.promotion import Decision, decide
+from components.evaluate.promotion import Decision, PromotionPolicy, decide
 from components.evaluate.retrieval import RetrievalConfig, evaluate_retrieval
 from components.models.builders import build_backbone
 from components.models.export import BackboneBundle
@@ -97,6 +98,10 @@ class EvaluateOutputs:
     metrics_path: Path
     plots_path: Path
     champion: ChampionMetrics | None = None  # the champion's eval.* numbers, when it is another version
+    # Each query's outcome under the model's k-NN metrics (bool, (n_queries,)), and which queries they
+    # are (EvalData.version): what a paired comparison of two models needs. Not in the summary.
+    per_query: dict[str, np.ndarray] = field(default_factory=dict)
+    data_version: str = ""
 
     def summary(self) -> dict[str, object]:
         """What the CLI prints, the flow returns and its report shows: metrics and ids (no features),
@@ -119,7 +124,8 @@ def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
         model = resolve(cfg.model, context.root, context.state / "cache" / "models")
         mlflow.set_tags(model_tags(model))
         bundle = load_resolved(model, device=cfg.device, root=context.root)
-        metrics = evaluate_backbone(bundle.model, bundle, data, cfg, cache_dir)
+        per_query: dict[str, np.ndarray] = {}
+        metrics = evaluate_backbone(bundle.model, bundle, data, cfg, cache_dir, per_query)
         pictures = Path(tempfile.mkdtemp(prefix="eval-pictures-", dir=ensure_dir(context.state / "tmp")))
         try:
             metrics.update(optional_suites(bundle, cfg, context, cache_dir, pictures))
@@ -153,7 +159,8 @@ def run_evaluate(context: StageContext, cfg: EvaluateConfig) -> EvaluateOutputs:
         if champion is not None:
             mlflow.set_tag("dinoflow.eval.champion_version", champion.version)
             mlflow.log_metrics({f"champion.{key}": value for key, value in champion.metrics.items()})
-    return EvaluateOutputs(metrics, sweep, model, run.info.run_id, metrics_path, plots_path, champion)
+    return EvaluateOutputs(metrics, sweep, model, run.info.run_id, metrics_path, plots_path, champion, per_query,
+                           data.version)
 
 
 def model_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -239,9 +246,14 @@ def load_eval_data(cfg: EvaluateConfig, state: Path) -> EvalData:
     train = fashion_mnist.load_split(folder, "train")
     test = fashion_mnist.load_split(folder, "test")
     train_idx = fashion_mnist.balanced_subset(train.labels, ds.train_per_class, ds.seed)
-    test_idx = fashion_mnist.balanced_subset(test.labels, ds.test_per_class, ds.seed)
     train_images, train_labels = train.images[train_idx], train.labels[train_idx].astype(np.int64)
-    test_images, test_labels = test.images[test_idx], test.labels[test_idx].astype(np.int64)
+    if ds.queries == "validation":  # train images that are not references: never the test split
+        rest = np.setdiff1d(np.arange(len(train.labels)), train_idx)
+        query_idx = rest[fashion_mnist.balanced_subset(train.labels[rest], ds.test_per_class, ds.seed + 1)]
+        test_images, test_labels = train.images[query_idx], train.labels[query_idx].astype(np.int64)
+    else:
+        test_idx = fashion_mnist.balanced_subset(test.labels, ds.test_per_class, ds.seed)
+        test_images, test_labels = test.images[test_idx], test.labels[test_idx].astype(np.int64)
     # Hashing the chosen images and labels themselves: any change of subset, seed or source changes it.
     parts = "".join(array_fingerprint(a) for a in (train_images, train_labels, test_images, test_labels))
     version = "fashion-mnist:" + hashlib.sha256(parts.encode()).hexdigest()[:16]
@@ -268,12 +280,14 @@ def backbone_features(
 
 
 def evaluate_backbone(
-    model: DinoVisionTransformer, bundle: BackboneBundle, data: EvalData, cfg: EvaluateConfig, cache_dir: Path
+    model: DinoVisionTransformer, bundle: BackboneBundle, data: EvalData, cfg: EvaluateConfig, cache_dir: Path,
+    per_query: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
+    """The protocols' metrics; ``per_query``, when given, receives each query's k-NN hits (see protocols)."""
     fingerprint = model_fingerprint(model)  # once: hashing a ViT-g's weights takes seconds
     train = backbone_features(model, bundle, data.train_images, "train", data.version, cfg, cache_dir, fingerprint)
     test = backbone_features(model, bundle, data.test_images, "test", data.version, cfg, cache_dir, fingerprint)
-    return protocols(train, test, data, cfg)
+    return protocols(train, test, data, cfg, per_query)
 
 
 def evaluate_pixels(data: EvalData, cfg: EvaluateConfig) -> dict[str, float]:
@@ -283,9 +297,14 @@ def evaluate_pixels(data: EvalData, cfg: EvaluateConfig) -> dict[str, float]:
     return protocols(train, test, data, cfg)
 
 
-def protocols(train: FeatureSet, test: FeatureSet, data: EvalData, cfg: EvaluateConfig) -> dict[str, float]:
-    metrics = knn_classify(train.cls, data.train_labels, test.cls, data.test_labels, ks=cfg.ks,
-                           temperature=cfg.temperature, num_classes=NUM_CLASSES)
+def protocols(train: FeatureSet, test: FeatureSet, data: EvalData, cfg: EvaluateConfig,
+              per_query: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """k-NN, the linear grid and logistic regression; ``per_query`` (if given) gets the k-NN metrics'
+    per-query hits, the paired samples of a champion / challenger interval."""
+    metrics, hits = knn_evaluate(train.cls, data.train_labels, test.cls, data.test_labels, ks=cfg.ks,
+                                 temperature=cfg.temperature, num_classes=NUM_CLASSES)
+    if per_query is not None:
+        per_query.update(hits)
     if cfg.linear.enabled:
         result: dict[str, Any] = linear_probe(
             train, data.train_labels, test, data.test_labels, learning_rates=cfg.linear.learning_rates,
@@ -363,6 +382,7 @@ class PromotionOutcome:
             "decision": None if decision is None else decision.label,
             "reasons": [] if decision is None else decision.reasons,
             "numbers": {} if decision is None else decision.numbers,
+            "interval": None if decision is None or decision.interval is None else decision.interval.as_numbers(),
             "metrics": {role: model_metrics(out.metrics) for role, out in self.evaluations.items()},
             "mlflow_run_ids": {role: out.run_id for role, out in self.evaluations.items()},
         }
@@ -396,18 +416,39 @@ def run_promotion(context: StageContext, cfg: EvaluateConfig, model_name: str | 
     decision = None
     if "challenger" in evaluations:
         champion = evaluations.get("champion")
+        challenger = evaluations["challenger"]
+        interval = None if champion is None else primary_interval(champion, challenger, policy)
         decision = decide(model_metrics(champion.metrics) if champion else None,
-                          model_metrics(evaluations["challenger"].metrics), policy)
+                          model_metrics(challenger.metrics), policy, interval)
         apply_decision(client, name, decision, versions.get("champion"), versions["challenger"], policy)
     return PromotionOutcome(name, versions.get("champion"), versions.get("challenger"), decision, evaluations)
 
 
+def primary_interval(champion: EvaluateOutputs, challenger: EvaluateOutputs,
+                     policy: PromotionPolicy) -> Interval | None:
+    """The paired bootstrap interval of the primary metric's improvement, when both sides have its
+    per-query outcomes on the same queries (k-NN metrics do; probe and suite metrics do not)."""
+    metric = policy.primary_metric
+    if metric not in champion.per_query or metric not in challenger.per_query:
+        return None
+    if champion.data_version != challenger.data_version:
+        raise ValueError(f"champion and challenger were scored on different queries ({champion.data_version} vs "
+                         f"{challenger.data_version}): no paired comparison")
+    a, b = champion.per_query[metric], challenger.per_query[metric]
+    if not policy.higher_is_better.get(metric, True):
+        a, b = -a.astype(np.float64), -b.astype(np.float64)  # improvement = champion - challenger
+    return paired_bootstrap(a, b, policy.bootstrap_resamples, policy.confidence, policy.bootstrap_seed)
+
+
 def round_config(cfg: EvaluateConfig, context: StageContext, name: str, version: str, role: str) -> EvaluateConfig:
-    """The stage config for one side of a round: the pinned version, reports outside metrics/ (which
+    """The stage config for one side of a round: the pinned version, the policy's query split (by default
+    validation queries from the train split, never the test split), reports outside metrics/ (which
     belong to the DVC stage), and the champion column only on the challenger's report."""
     reports = context.state / "scheduled-eval"
+    policy = cfg.promotion
+    dataset = dataclasses.replace(cfg.dataset, queries=policy.split, test_per_class=policy.queries_per_class)
     return dataclasses.replace(
-        cfg, model=version_uri(name, version),
+        cfg, model=version_uri(name, version), dataset=dataset,
         metrics_path=str(reports / f"{role}.json"), plots_path=str(reports / f"{role}_knn_sweep.json"),
         champion=alias_uri(name, cfg.promotion.champion_alias) if role == "challenger" else "",
     )
