@@ -179,7 +179,8 @@ def model_step_rate(cfg: PretrainConfig, env: DistEnv, root: Path, n_steps: int 
 def calibrated_iterations(cfg: PretrainConfig, env: DistEnv, root: Path, budget_s: float, work: Path) -> int:
     """Steps that fit the budget, from a short run of the real loop (loader included)."""
     probe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(work / "calibration"),
-                                                              checkpoint_every=10_000, log_every=10_000))
+                                                              log_every=10_000),
+                                checkpoint=dataclasses.replace(cfg.checkpoint, every=10_000))
     probe.objective.optim = dataclasses.replace(cfg.objective.optim, iterations=10_000, warmup_iters=10,
                                                 freeze_last_layer_iters=0)
     marks: list[float] = []
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, manifest=str(manifest), splits=[]),
-        run=dataclasses.replace(cfg.run, output_dir=str(run_dir), checkpoint_every=10**9, log_every=10**9),
+        run=dataclasses.replace(cfg.run, output_dir=str(run_dir), log_every=10**9),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=10**9),
     )
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     budget_s = max(args.minutes) * 60

@@ -74,7 +74,7 @@ def demo_teacher(root: Path, scratch: Path, steps: int) -> str:
         return str(existing)
     cfg = load_pretrain_config(root / "params" / "pretrain.yaml")
     cfg.run.output_dir = str(scratch / "teacher")
-    cfg.run.checkpoint_every = 10**9
+    cfg.checkpoint.every = 10**9
     cfg.objective.optim.iterations = steps
     run_pretraining(cfg, CPU, root)
     return str(scratch / "teacher" / "checkpoints")
@@ -141,7 +141,7 @@ def distil(teacher_source: str, mode: Mode, steps: int, root: Path, output: Path
     cfg = distill_params(root, overrides)
     cfg.teacher.source, cfg.teacher.mode = teacher_source, mode
     cfg.objective.optim.iterations = steps
-    cfg.run.output_dir, cfg.run.checkpoint_every, cfg.run.log_every = str(output), 10**9, 10
+    cfg.run.output_dir, cfg.checkpoint.every, cfg.run.log_every = str(output), 10**9, 10
     teacher = load_teacher(cfg.teacher.source, cfg.teacher.backbone, "cpu", cfg.teacher.precision)
     resolved = resolve_mode(cfg.teacher.mode, teacher)
     cfg.objective = objective_for_teacher(cfg.objective, teacher, resolved)

@@ -75,8 +75,9 @@ def free_port() -> int:
 
 def run(world: int, cfg: PretrainConfig, warmup: int, root: Path) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
-        run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(
-            cfg.run, output_dir=str(Path(scratch) / "out"), checkpoint_every=10**9, log_every=1))
+        run_cfg = dataclasses.replace(
+            cfg, run=dataclasses.replace(cfg.run, output_dir=str(Path(scratch) / "out"), log_every=1),
+            checkpoint=dataclasses.replace(cfg.checkpoint, every=10**9))
         out = Path(scratch) / "result.json"
         mp.spawn(worker, args=(world, free_port(), to_mapping(run_cfg), str(root), warmup, str(out)),
                  nprocs=world, join=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -261,8 +262,8 @@ def test_two_process_save_loads_in_one_process(tmp_path: Path) -> None:
 
 
 def test_each_rank_gets_its_own_generators_back_and_a_new_rank_a_derived_one() -> None:
+    from components.train.checkpointer import device_rng_states, rank_step_seed, restore_rng_states
     from components.train.distributed import DistEnv
-    from components.train.engine import device_rng_states, rank_step_seed, restore_rng_states
 
     cpu = torch.device("cpu")
     torch.manual_seed(123)
@@ -281,3 +282,30 @@ def test_each_rank_gets_its_own_generators_back_and_a_new_rank_a_derived_one() -
     torch.manual_seed(rank_step_seed(7, 2, 40))
     torch.testing.assert_close(torch.rand(3), new_rank_draw, rtol=0, atol=0)
     assert rank_step_seed(7, 2, 40) != rank_step_seed(7, 1, 40) != rank_step_seed(7, 1, 41)
+
+
+def test_checkpointer_saves_when_due_and_on_the_last_step(tmp_path: Path) -> None:
+    from components.ssl.meta_arch import SSLMetaArch
+    from components.train.checkpointer import Checkpointer
+    from components.train.config import CheckpointConfig, PretrainConfig
+    from components.train.distributed import DistEnv
+
+    cfg = PretrainConfig()
+    cfg.backbone = dataclasses.replace(cfg.backbone, arch="vit_pico", patch_size=4, img_size=28)
+    cfg.objective.dino.head = cfg.objective.ibot.head = dataclasses.replace(
+        cfg.objective.dino.head, n_prototypes=16, hidden_dim=16, bottleneck_dim=8)
+    model = SSLMetaArch(cfg.backbone, cfg.objective)
+    optimizer = torch.optim.AdamW(model.parameters())
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    checkpointer = Checkpointer(model, optimizer, env, tmp_path / "ckpt", CheckpointConfig(every=3, keep_last=1),
+                                "arch-a", seed=0)
+    assert checkpointer.load() == (0, 0)  # nothing yet: a fresh run
+    assert [checkpointer.save(step, step * 4) is not None for step in (1, 2, 3)] == [False, False, True]
+    assert checkpointer.save(4, 16, last=True) is not None and checkpointer.last_saved == 4
+    assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")] == ["step_000000004"]
+    again = Checkpointer(model, optimizer, env, tmp_path / "ckpt", CheckpointConfig(every=3), "arch-a", seed=0)
+    assert again.load() == (4, 16) and again.last_saved == 4
+    from components.train.checkpointer import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match="another backbone or head"):
+        Checkpointer(model, optimizer, env, tmp_path / "ckpt", CheckpointConfig(), "arch-b", seed=0).load()

@@ -128,3 +128,15 @@ def test_fp16_training_is_refused_with_the_reason(tmp_path: Path) -> None:
     file.write_text("pretrain:\n  objective:\n    precision: fp16\n")
     with pytest.raises(ConfigError, match="needs gradient loss scaling"):
         load_pretrain_config(file)
+
+
+def test_a_key_of_the_earlier_run_layout_names_its_new_place(tmp_path: Path) -> None:
+    from components.train.config import load_pretrain_config
+
+    old = tmp_path / "pretrain.yaml"
+    old.write_text("pretrain:\n  run:\n    output_dir: out\n    checkpoint_every: 50\n")
+    with pytest.raises(ConfigError, match=r"key 'run\.checkpoint_every' has moved to 'checkpoint\.every'"):
+        load_pretrain_config(old)
+    old.write_text("pretrain:\n  run:\n    registered_model_name: x\n")
+    with pytest.raises(ConfigError, match=r"has moved to 'publish\.registered_model_name'"):
+        load_pretrain_config(old)

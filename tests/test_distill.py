@@ -19,7 +19,8 @@ from components.distill.meta_arch import DistillMetaArch, Mode, distill_recipe, 
 from components.distill.teacher import FrozenTeacher, load_teacher, resolve_mode
 from components.models.export import WEIGHTS_FILE, save_backbone
 from components.ssl.param_groups import apply_schedules
-from components.train.engine import CheckpointMismatchError, DataStream, collate_step, run_pretraining
+from components.train.checkpointer import CheckpointMismatchError
+from components.train.engine import DataStream, collate_step, run_pretraining
 from tests.test_pretrain_engine import CPU, tiny_config, weights, write_pool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -55,7 +56,8 @@ def distill_config(manifest: Path, output: Path, source: str, iterations: int = 
         "objective": {"precision": "fp32", "dino": {"head": head}, "ibot": {"head": head},
                       "teacher": {"warmup_teacher_temp_iters": 1},
                       "optim": {"iterations": iterations, "warmup_iters": 1, "freeze_last_layer_iters": 0}},
-        "run": {"output_dir": str(output), "checkpoint_every": 2, "keep_last": 2, "log_every": 1, **run},
+        "run": {"output_dir": str(output), "log_every": 1, **run},
+        "checkpoint": {"every": 2, "keep_last": 2},
     })
 
 
@@ -266,7 +268,8 @@ def test_stage_distils_a_registry_teacher_and_records_its_lineage(tiny_teacher: 
     teacher_name, student_name = f"test-teacher-{uuid.uuid4().hex[:8]}", f"test-student-{uuid.uuid4().hex[:8]}"
     teacher_version = register_teacher(tiny_teacher, tmp_path, teacher_name)
     cfg = distill_config(tiny_teacher.manifest, tmp_path / "distill", f"models:/{teacher_name}@challenger",
-                         iterations=2, registered_model_name=student_name)
+                         iterations=2)
+    cfg.publish.registered_model_name = student_name
     cfg.teacher.use_registry_checkpoint = use_checkpoint
     outputs = run_distill(make_context(root=tmp_path), cfg)
     assert outputs.result.finished and outputs.mode == expected_mode and outputs.backbone_dir is not None

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ IMAGES = json.loads((INFRA / "images.json").read_text())
 OUR_IMAGES = {entry["image"]: entry for entry in IMAGES["dinoflow"].values()}
 ALL_IMAGES = set(OUR_IMAGES) | set(IMAGES["third_party"].values())
 WORKLOAD_KINDS = {"Deployment", "Job", "StatefulSet", "DaemonSet", "TrainJob"}
-SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|CREDENTIAL)", re.IGNORECASE)
+SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|API_KEY|AUTH_STRING|CREDENTIAL)", re.IGNORECASE)
 
 
 def config_files() -> list[Path]:
@@ -231,7 +232,10 @@ def test_make_secrets_writes_every_secret_compose_declares(tmp_path: Path) -> No
                            text=True, check=True, timeout=60)
     written = {p.name: p.read_text().strip() for p in (tmp_path / "secrets").iterdir()}
     assert set(written) == set(compose()["secrets"]), first.stdout
-    assert all(len(value) >= 24 and re.fullmatch(r"[\w-]+", value) for value in written.values())
+    # Prefect's auth string is `user:password`; every other secret is one URL-safe token.
+    assert re.fullmatch(r"dinoflow:[\w-]{24,}", written["prefect_api_auth_string"])
+    assert all(len(value) >= 24 and re.fullmatch(r"(dinoflow:)?[\w-]+", value) for value in written.values())
+    assert not any(value in first.stdout + first.stderr for value in written.values()), "never printed"
     assert len(set(written.values())) == len(written), "every secret is drawn independently"
     subprocess.run(["bash", str(INFRA / "compose" / "make-secrets.sh")], env=env, check=True, timeout=60)
     assert {p.name: p.read_text().strip() for p in (tmp_path / "secrets").iterdir()} == written, "never rotated"
@@ -239,6 +243,87 @@ def test_make_secrets_writes_every_secret_compose_declares(tmp_path: Path) -> No
 
 def test_bucket_script_is_valid_python() -> None:
     compile((INFRA / "compose" / "create_buckets.py").read_text(), "create_buckets.py", "exec")
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR}`` / ``${VAR:-default}`` interpolation (the forms this file uses)."""
+    def one(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(3)
+        return env.get(name) or (default if default is not None else "")
+    return re.sub(r"\$\{([A-Z0-9_]+)(:-([^}]*))?\}", one, value)
+
+
+def test_every_published_port_binds_to_loopback_unless_the_bind_variable_says_otherwise() -> None:
+    published = {name: service["ports"] for name, service in compose()["services"].items() if service.get("ports")}
+    assert {"prefect-server", "mlflow-server", "s3"} <= set(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert isinstance(port, str) and port.startswith("${DINOFLOW_BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+            assert interpolate(port, {}).startswith("127.0.0.1:"), (name, port)
+            host, published_port, container_port = interpolate(port, {"DINOFLOW_BIND_ADDRESS": "0.0.0.0"}).split(":")
+            assert host == "0.0.0.0" and published_port.isdigit() and container_port.isdigit(), (name, port)
+    assert "DINOFLOW_BIND_ADDRESS" in (REPO / "docs" / "deployment.md").read_text(), "the variable is documented"
+
+
+def exported_secrets(service: dict[str, Any]) -> dict[str, str]:
+    """VAR -> secret name for each ``VAR="$$(cat /run/secrets/NAME)"`` the service's shell wrapper exports."""
+    command = " ".join(service.get("command") or [])
+    return dict(re.findall(r'(\w+)="\$\$\(cat /run/secrets/(\w+)\)"', command))
+
+
+def test_prefect_and_mlflow_require_authentication_and_their_clients_send_it() -> None:
+    services = compose()["services"]
+    prefect, mlflow_server, worker = services["prefect-server"], services["mlflow-server"], services["prefect-worker"]
+    # Prefect: the server checks an auth string from a secret; health probes stay unauthenticated.
+    assert exported_secrets(prefect)["PREFECT_SERVER_API_AUTH_STRING"] == "prefect_api_auth_string"
+    assert "prefect_api_auth_string" in prefect["secrets"]
+    assert prefect["healthcheck"]["test"][-1].endswith("urlopen('http://localhost:4200/api/health')")
+    # MLflow: the basic-auth app, configured from secrets by the script the image ships.
+    command = " ".join(mlflow_server["command"])
+    assert "exec mlflow server --app-name basic-auth " in command
+    assert "python /usr/local/bin/mlflow_auth_config.py" in command
+    assert exported_secrets(mlflow_server)["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "mlflow_flask_secret_key"
+    assert mlflow_server["environment"]["MLFLOW_AUTH_CONFIG_PATH"].startswith("/tmp/")
+    assert {"mlflow_admin_password", "mlflow_db_password"} <= set(mlflow_server["secrets"])
+    assert mlflow_server["healthcheck"]["test"][-1].endswith("urlopen('http://localhost:5000/health')")
+    dockerfile = (DOCKER / "Dockerfile.mlflow").read_text()
+    assert "COPY infra/compose/mlflow_auth_config.py /usr/local/bin/mlflow_auth_config.py" in dockerfile
+    assert '"mlflow[auth]==${MLFLOW_VERSION}"' in dockerfile, "the auth app needs Flask-WTF"
+    constraint_version("flask-wtf")
+    # The worker (and the flow runs it starts, which inherit its environment) authenticates to both.
+    assert exported_secrets(worker) == {"AWS_ACCESS_KEY_ID": "s3_access_key", "AWS_SECRET_ACCESS_KEY": "s3_secret_key",
+                                        "PREFECT_API_AUTH_STRING": "prefect_api_auth_string",
+                                        "MLFLOW_TRACKING_PASSWORD": "mlflow_admin_password"}
+    assert worker["environment"]["MLFLOW_TRACKING_USERNAME"] == "${MLFLOW_ADMIN_USERNAME:-dinoflow}"
+    assert mlflow_server["environment"]["MLFLOW_ADMIN_USERNAME"] == "${MLFLOW_ADMIN_USERNAME:-dinoflow}"
+    for name, service in services.items():
+        for variable, secret in exported_secrets(service).items():
+            assert secret in service["secrets"], f"{name} exports {variable} from unmounted secret {secret}"
+
+
+def test_mlflow_auth_config_script_writes_a_private_config_mlflow_reads(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "mlflow_admin_password").write_text("pass%word-with-percent\n")
+    out = tmp_path / "conf" / "basic_auth.ini"
+    env = {**os.environ, "SECRETS_DIR": str(secrets), "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path / 'a.db'}",
+           "MLFLOW_ADMIN_USERNAME": "ops"}
+    done = subprocess.run([sys.executable, str(INFRA / "compose" / "mlflow_auth_config.py"), str(out)], env=env,
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert "pass%word" not in done.stdout + done.stderr
+    assert out.stat().st_mode & 0o777 == 0o600 and out.parent.stat().st_mode & 0o777 == 0o700
+    read = subprocess.run(
+        [sys.executable, "-c", "import json; from mlflow.server.auth.config import read_auth_config as r; "
+         "print(json.dumps(r()._asdict()))"],
+        env={**env, "MLFLOW_AUTH_CONFIG_PATH": str(out)}, capture_output=True, text=True, check=True, timeout=120)
+    config = json.loads(read.stdout.strip().splitlines()[-1])
+    assert (config["admin_username"], config["admin_password"]) == ("ops", "pass%word-with-percent")
+    assert config["database_uri"] == f"sqlite:///{tmp_path / 'a.db'}" and config["default_permission"] == "READ"
+    assert config["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    (secrets / "mlflow_admin_password").write_text("short")
+    refused = subprocess.run([sys.executable, str(INFRA / "compose" / "mlflow_auth_config.py"), str(out)], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "12 characters" in refused.stderr
 
 
 # ----------------------------------------------------------------------------- Kubernetes manifests
@@ -347,10 +432,10 @@ def test_multinode_params_load_as_a_valid_pretrain_config(tmp_path: Path) -> Non
     params = tmp_path / "pretrain.yaml"
     params.write_text(multinode()["ConfigMap"]["data"]["pretrain.yaml"])
     cfg = load_pretrain_config(params)  # unknown keys or bad values raise ConfigError
-    assert cfg.run.device == "cuda" and cfg.run.strategy == "fsdp" and cfg.objective.precision == "bf16"
+    assert cfg.run.device == "cuda" and cfg.parallel.strategy == "fsdp" and cfg.objective.precision == "bf16"
     assert cfg.crops.global_crops_size % cfg.backbone.patch_size == 0
     assert cfg.run.output_dir.startswith("/shared/"), "checkpoints must be on the volume every rank sees"
-    assert cfg.run.checkpoint_store_prefix, "checkpoints are mirrored to the object store"
+    assert cfg.checkpoint.store_prefix, "checkpoints are mirrored to the object store"
 
 
 def test_workers_poll_the_pools_the_templates_are_for() -> None:

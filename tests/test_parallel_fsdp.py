@@ -84,10 +84,10 @@ def config(manifest: Path, output: Path, strategy: str, centering: str = "sinkho
     cfg = tiny_config(manifest, output, iterations=4, **run)
     cfg.objective.teacher.centering = centering  # type: ignore[assignment]
     cfg.data.batch_size_per_rank = 2
-    cfg.run.checkpoint_every = 3  # one checkpoint, at the end of the 2-process runs
-    cfg.run.strategy = strategy  # type: ignore[assignment]
+    cfg.checkpoint.every = 3  # one checkpoint, at the end of the 2-process runs
+    cfg.parallel.strategy = strategy  # type: ignore[assignment]
     cfg.objective.optim.clip_grad = 0.05  # below the measured norms, so clipping is active
-    cfg.run.fsdp_param_dtype = "fp32"  # bf16 on CPU/gloo is slow and not comparable at fp32 tolerance
+    cfg.parallel.fsdp_param_dtype = "fp32"  # bf16 on CPU/gloo is slow and not comparable at fp32 tolerance
     return cfg
 
 

@@ -46,16 +46,18 @@ TRAIN_COMMON = f"""\
 PRETRAIN = f"""\
 pretrain:
 {TRAIN_COMMON}  backbone: {{arch: vit_pico, patch_size: 4, img_size: 28, drop_path_rate: 0.0, layerscale_init: 0.1}}
-  run: {{output_dir: outputs/pretrain, checkpoint_every: 3, keep_last: 1, log_every: 1, device: cpu,
-        registered_model_name: {TEACHER}}}
+  run: {{output_dir: outputs/pretrain, log_every: 1, device: cpu}}
+  checkpoint: {{every: 3, keep_last: 1}}
+  publish: {{registered_model_name: {TEACHER}}}
 """
 
 DISTILL = f"""\
 distill:
   teacher: {{source: "models:/{TEACHER}@challenger", mode: auto}}
 {TRAIN_COMMON}  backbone: {{arch: vit_femto, patch_size: 4, img_size: 28, drop_path_rate: 0.0, layerscale_init: 0.1}}
-  run: {{output_dir: outputs/distill, checkpoint_every: 3, keep_last: 1, log_every: 1, device: cpu,
-        registered_model_name: {STUDENT}}}
+  run: {{output_dir: outputs/distill, log_every: 1, device: cpu}}
+  checkpoint: {{every: 3, keep_last: 1}}
+  publish: {{registered_model_name: {STUDENT}}}
 """
 
 EVALUATE = """\

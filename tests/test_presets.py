@@ -38,8 +38,8 @@ def reduced(cfg: PretrainConfig, manifest: Path, output: Path) -> PretrainConfig
     cfg.data = dataclasses.replace(cfg.data, manifest=str(manifest), splits=[], batch_size_per_rank=2,
                                    num_workers=0)
     cfg.highres = dataclasses.replace(cfg.highres, enabled=True, iterations=cfg.objective.optim.iterations - 1)
-    cfg.run = dataclasses.replace(cfg.run, output_dir=str(output), max_steps=2, device="cpu",
-                                  checkpoint_store_prefix="")
+    cfg.run = dataclasses.replace(cfg.run, output_dir=str(output), max_steps=2, device="cpu")
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, store_prefix="")
     cfg.validate()
     return cfg
 
@@ -68,7 +68,7 @@ def test_distill_preset_runs_two_steps(path: Path, pool: Path, tmp_path: Path) -
     """The teacher is the reduced run of the pretraining preset the distillation preset names, with heads."""
     preset = load_distill_config(path)
     teacher_preset = next(p for p in preset_files("pretrain")
-                          if load_pretrain_config(p).run.registered_model_name in preset.teacher.source)
+                          if load_pretrain_config(p).publish.registered_model_name in preset.teacher.source)
     teacher_cfg = reduced(load_pretrain_config(teacher_preset), pool, tmp_path / "teacher")
     run_pretraining(teacher_cfg, CPU, tmp_path)
 

@@ -58,7 +58,8 @@ def tiny_config(manifest: Path, output: Path, iterations: int = 6, **run: object
         "objective": {"precision": "fp32", "dino": {"head": head}, "ibot": {"head": head},
                       "teacher": {"warmup_teacher_temp_iters": 2},
                       "optim": {"iterations": iterations, "warmup_iters": 1, "freeze_last_layer_iters": 1}},
-        "run": {"output_dir": str(output), "checkpoint_every": 2, "keep_last": 2, "log_every": 1, **run},
+        "run": {"output_dir": str(output), "log_every": 1, **run},
+        "checkpoint": {"every": 2, "keep_last": 2},
     })
 
 
@@ -178,7 +179,7 @@ def test_high_resolution_phase_switches_crops_for_the_last_iterations(
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
-    from components.train.engine import CheckpointMismatchError
+    from components.train.checkpointer import CheckpointMismatchError
 
     manifest = write_pool(tmp_path, corrupt=False)
     run_pretraining(tiny_config(manifest, tmp_path / "out", iterations=2), CPU, tmp_path)
@@ -199,8 +200,8 @@ def test_continued_pretraining_warms_up_heads_with_the_backbone_frozen(tmp_path:
     torch.manual_seed(123)
     pretrained = build_backbone(cfg.backbone)
     save_backbone(pretrained, cfg.backbone, tmp_path / "released")
-    cfg.run.init_backbone = str(tmp_path / "released")
-    cfg.run.head_warmup_iters = 2
+    cfg.init.backbone = str(tmp_path / "released")
+    cfg.init.head_warmup_iters = 2
     cfg.objective.optim.freeze_last_layer_iters = 0
     _, model = run_pretraining(cfg, CPU, tmp_path)
     for key, value in pretrained.state_dict().items():
@@ -218,7 +219,8 @@ def test_checkpoints_mirror_to_the_object_store_and_resume_on_a_fresh_machine(tm
 
     manifest = write_pool(tmp_path, corrupt=False)
     store = LocalObjectStore(tmp_path / "bucket")
-    cfg = tiny_config(manifest, tmp_path / "out", iterations=4, max_steps=2, checkpoint_store_prefix="ckpt/run1")
+    cfg = tiny_config(manifest, tmp_path / "out", iterations=4, max_steps=2)
+    cfg.checkpoint.store_prefix = "ckpt/run1"
     run_pretraining(cfg, CPU, tmp_path, store=store)
     assert store.exists("ckpt/run1/step_000000002/COMMITTED")
     shutil.rmtree(tmp_path / "out")  # a new machine: nothing local

@@ -18,7 +18,7 @@ from tests.test_pretrain_engine import tiny_config, write_pool
 def test_pretrain_stage_exports_and_registers_the_teacher(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text("")
     cfg = tiny_config(write_pool(tmp_path), tmp_path / "out", iterations=4)
-    cfg.run.registered_model_name = "test-pretrain-backbone"
+    cfg.publish.registered_model_name = "test-pretrain-backbone"
     context = make_context(root=tmp_path)
     outputs = run_pretrain(context, cfg)
     assert outputs.result.finished and outputs.backbone_dir is not None and outputs.run_id

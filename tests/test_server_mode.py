@@ -48,8 +48,9 @@ pretrain:
     ibot: {head: {n_prototypes: 64, hidden_dim: 32, bottleneck_dim: 16}}
     teacher: {warmup_teacher_temp_iters: 1}
     optim: {iterations: 3, warmup_iters: 1, freeze_last_layer_iters: 1}
-  run: {output_dir: outputs/pretrain, checkpoint_every: 2, keep_last: 1, log_every: 1, device: cpu,
-        registered_model_name: MODEL_NAME}
+  run: {output_dir: outputs/pretrain, log_every: 1, device: cpu}
+  checkpoint: {every: 2, keep_last: 1}
+  publish: {registered_model_name: MODEL_NAME}
 """
 
 EVALUATE_PARAMS = """\

@@ -35,6 +35,8 @@ def test_pipeline_flow_and_cli_derive_from_the_catalog() -> None:
         assert callable(getattr(__import__(stage.module, fromlist=["_"]), f"run_{stage.name}"))
     with pytest.raises(KeyError, match="the stages are data, curate"):
         get_stage("nope")
+    deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    assert f"({', '.join(stage_names())})" in deployments["pipeline"]["description"]
 
 
 def test_overrides_are_typed_and_checked_like_the_file(tmp_path: Path) -> None:

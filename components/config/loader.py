@@ -198,6 +198,12 @@ def _convert_dataclass(cls: type, value: Any, where: str, key: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(value) - set(fields))
+    moved = getattr(cls, "__moved_keys__", {})
+    for name in unknown:  # a key an older params layout had here: say where it lives now
+        if name in moved:
+            old = f"{key}.{name}" if key else name
+            raise ConfigError(f"{where}: key '{old}' has moved to '{moved[name]}' (same value; see the "
+                              "configuration docs)")
     if unknown:
         name = f"{key}.{unknown[0]}" if key else str(unknown[0])
         known = ", ".join(sorted(fields))

@@ -16,7 +16,7 @@ from typing import Literal
 from components.config import load_config
 from components.models import BackboneConfig
 from components.registry.uri import parse_source
-from components.train.config import PretrainConfig, RunConfig
+from components.train.config import PretrainConfig, PublishConfig, RunConfig
 
 DistillMode = Literal["heads", "features"]
 
@@ -55,7 +55,7 @@ class TeacherSourceConfig:
                                                                            img_size=518, drop_path_rate=0.0))
     # Autocast dtype of the teacher's forward: auto = bf16 on CUDA, fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Registry sources whose training run logged its checkpoint (pretrain's run.log_checkpoint_to_mlflow)
+    # Registry sources whose training run logged its checkpoint (pretrain's checkpoint.log_to_mlflow)
     # can be distilled through their heads: fetch the run's `checkpoint` artifact instead of the backbone.
     use_registry_checkpoint: bool = True
 
@@ -70,7 +70,11 @@ def default_student() -> BackboneConfig:
 
 
 def default_run() -> RunConfig:
-    return RunConfig(output_dir="outputs/distill", registered_model_name="dinoflow-student")
+    return RunConfig(output_dir="outputs/distill")
+
+
+def default_publish() -> PublishConfig:
+    return PublishConfig(registered_model_name="dinoflow-student")
 
 
 @dataclass
@@ -79,6 +83,7 @@ class DistillConfig(PretrainConfig):
 
     backbone: BackboneConfig = field(default_factory=default_student)
     run: RunConfig = field(default_factory=default_run)
+    publish: PublishConfig = field(default_factory=default_publish)
     teacher: TeacherSourceConfig = field(default_factory=TeacherSourceConfig)
     features: FeatureLossConfig = field(default_factory=FeatureLossConfig)
 

@@ -90,9 +90,9 @@ def run_distill(context: StageContext, cfg: DistillConfig) -> DistillOutputs:
             if result.finished:
                 backbone_dir = export_student(cfg, context.root, model, run.info.run_id, result, lineage)
                 mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
-                if cfg.run.log_checkpoint_to_mlflow and result.checkpoint is not None:
+                if cfg.checkpoint.log_to_mlflow and result.checkpoint is not None:
                     mlflow.log_artifacts(str(result.checkpoint), artifact_path="checkpoint")
-                version = register_backbone(cfg.run.registered_model_name, run.info.run_id, backbone_dir,
+                version = register_backbone(cfg.publish.registered_model_name, run.info.run_id, backbone_dir,
                                             tags=lineage)
             mlflow.log_metrics({"final_step": float(result.end_step), "skipped_images": float(result.skipped_images)})
             write_metrics(context.root, cfg, result, mode)

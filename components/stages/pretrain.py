@@ -61,9 +61,9 @@ def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
                 # A rerun that finds training finished only re-exports: log the newest checkpoint anyway, so the
                 # new version keeps its heads (distillation through the heads reads them from there).
                 checkpoint = result.checkpoint or latest_checkpoint(context.root / cfg.run.output_dir / "checkpoints")
-                if cfg.run.log_checkpoint_to_mlflow and checkpoint is not None:
+                if cfg.checkpoint.log_to_mlflow and checkpoint is not None:
                     mlflow.log_artifacts(str(checkpoint), artifact_path="checkpoint")
-                version = register_backbone(cfg.run.registered_model_name, run.info.run_id, backbone_dir)
+                version = register_backbone(cfg.publish.registered_model_name, run.info.run_id, backbone_dir)
             mlflow.log_metrics({"final_step": float(result.end_step), "skipped_images": float(result.skipped_images)})
             write_metrics(context.root, cfg, result)
         barrier()

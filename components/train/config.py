@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from components.config import load_config
 from components.data.multicrop import MultiCropConfig
@@ -48,38 +48,89 @@ class HighResConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "outputs/pretrain"  # checkpoints and the exported backbone
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    log_every: int = 10
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    registered_model_name: str = "dinoflow-backbone"
-    max_steps: int = 0  # stop early after this many steps of this invocation (0 = run to the end)
-    # Data parallelism (components/train/parallel.py): "ddp" = full replica per rank + gradient all-reduce;
-    # "fsdp" = FSDP2 sharding of student and teacher (gradients reduce-scattered, optimizer state sharded);
-    # "auto" = fsdp when world size > 1 on CUDA, else ddp. A single process never shards.
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    # FSDP parameter dtype for forward/backward (the MixedPrecisionPolicy's param_dtype; gradients are always
-    # reduced in fp32 and the sharded master weights stay fp32). bf16 is meant for GPUs; use fp32 on CPU/gloo.
-    fsdp_param_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Where the run writes and how it reports (params section ``run``)."""
 
-    # Continued pretraining: start the student and teacher backbones from existing weights (a dinoflow
-    # backbone folder, a .safetensors/.pth state_dict, an official training checkpoint, or hub:<name>),
-    # with the backbone frozen (lr 0) for the first head_warmup_iters steps while the new heads warm up.
-    init_backbone: str = ""
+    # Keys of the earlier layout, by where they live now (the loader names the new place in its error).
+    __moved_keys__: ClassVar[dict[str, str]] = {
+        "checkpoint_every": "checkpoint.every", "keep_last": "checkpoint.keep_last",
+        "checkpoint_store_prefix": "checkpoint.store_prefix",
+        "log_checkpoint_to_mlflow": "checkpoint.log_to_mlflow", "strategy": "parallel.strategy",
+        "fsdp_param_dtype": "parallel.fsdp_param_dtype", "init_backbone": "init.backbone",
+        "head_warmup_iters": "init.head_warmup_iters", "registered_model_name": "publish.registered_model_name"}
+
+    output_dir: str = "outputs/pretrain"
+    """Checkpoints (``<output_dir>/checkpoints``), the exported backbone and ``metrics.json``."""
+    log_every: int = 10
+    """Steps between logged metrics (and the progress bar's postfix)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: this rank's GPU when there is one, else the CPU."""
+    max_steps: int = 0
+    """Stop after this many steps of this invocation, with a checkpoint (0: run to the schedule's end)."""
+
+    def validate(self) -> None:
+        if self.log_every < 1 or self.max_steps < 0:
+            raise ValueError("log_every must be >= 1 and max_steps >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written (params section ``checkpoint``; docs/checkpoints.md)."""
+
+    every: int = 1000
+    """Steps between checkpoints; the last step of an invocation always gets one."""
+    keep_last: int = 3
+    """Complete checkpoints kept locally; older ones are pruned after each save."""
+    store_prefix: str = ""
+    """Mirror every committed checkpoint to the project's object store under this key prefix (empty: off);
+    a run whose local checkpoint folder is empty (a new machine) resumes from the newest mirrored one."""
+    log_to_mlflow: bool = True
+    """Also log the final full checkpoint (student, teacher, heads, optimizer) as MLflow artifacts of the
+    run, so training can be continued (or distilled through the heads) from the registry's lineage; turn
+    off for models whose checkpoint is very large."""
+
+    def validate(self) -> None:
+        if self.every < 1 or self.keep_last < 1:
+            raise ValueError("every and keep_last must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallelism across ranks (params section ``parallel``; components/train/parallel.py)."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """``ddp``: a full replica per rank and one flat gradient all-reduce; ``fsdp``: FSDP2 sharding of
+    student and teacher (gradients reduce-scattered, optimizer state sharded); ``auto``: fsdp when the
+    world size is > 1 on CUDA, else ddp. A single process never shards."""
+    fsdp_param_dtype: Literal["bf16", "fp32"] = "bf16"
+    """FSDP parameter dtype for forward / backward (the MixedPrecisionPolicy's param_dtype; gradients are
+    reduced in fp32 and the sharded master weights stay fp32). bf16 is meant for GPUs; fp32 on CPU/gloo."""
+
+
+@dataclass
+class InitConfig:
+    """Continued pretraining from existing weights (params section ``init``)."""
+
+    backbone: str = ""
+    """Start student and teacher backbones from these weights: a dinoflow backbone folder, a
+    .safetensors / .pth state_dict, an official training checkpoint or ``hub:<name>`` (empty: random)."""
     head_warmup_iters: int = 0
-    # Mirror every committed checkpoint to the project's object store under this key prefix (empty: off);
-    # a run whose local checkpoint folder is empty (a new machine) resumes from the newest mirrored one.
-    checkpoint_store_prefix: str = ""
-    # Also log the final full checkpoint (student, teacher, heads, optimizer) as MLflow artifacts of the run,
-    # so training can be continued from the registry's lineage; off for models whose checkpoint is very large.
-    log_checkpoint_to_mlflow: bool = True
+    """Steps with the backbone frozen (lr 0) while the new heads warm up."""
 
     def validate(self) -> None:
         if self.head_warmup_iters < 0:
             raise ValueError("head_warmup_iters must be >= 0")
-        if self.checkpoint_every < 1 or self.keep_last < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every, keep_last and log_every must be >= 1")
+
+
+@dataclass
+class PublishConfig:
+    """What the stage registers when training finishes (params section ``publish``)."""
+
+    registered_model_name: str = "dinoflow-backbone"
+    """The MLflow registered model that gets the exported backbone as a new version (alias challenger)."""
+
+    def validate(self) -> None:
+        if not self.registered_model_name:
+            raise ValueError("registered_model_name must name a registered model")
 
 
 @dataclass
@@ -90,6 +141,10 @@ class PretrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     highres: HighResConfig = field(default_factory=HighResConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def crop_sizes(self) -> dict[str, int]:
         """Every crop size the run will feed the backbone, by its params key (local crops only when there

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,9 +48,9 @@ from components.ssl.meta_arch import SSLMetaArch
 from components.ssl.param_groups import apply_schedules
 from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_lr
 from components.storage import ObjectStore, StoreLocator
-from components.train import checkpoint as ckpt
+from components.train.checkpointer import Checkpointer
 from components.train.config import PretrainConfig
-from components.train.distributed import DistEnv, all_reduce_gradients, any_rank, barrier, broadcast_module
+from components.train.distributed import DistEnv, all_reduce_gradients, any_rank, broadcast_module
 from components.train.parallel import param_dtype_for, resolve_strategy, shard_meta_arch
 from components.train.tracking import NullTracker, StepTracker, flops_per_image, peak_flops
 
@@ -59,10 +58,6 @@ log = logging.getLogger(__name__)
 
 
 MAX_UNREADABLE_BATCHES = 20
-
-
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint to resume from belongs to a run with another architecture."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -231,11 +226,11 @@ def build_model(cfg: PretrainConfig, env: DistEnv, recipe: ModelRecipe | None = 
     """Model with the same initial weights on every rank (sharded under FSDP), then its optimizer, which
     must be built after sharding so that it holds the sharded parameters."""
     model = (recipe or ModelRecipe()).build(cfg).to(env.device).train()
-    if cfg.run.init_backbone:
-        initialise_backbones(model, cfg.run.init_backbone, env)
+    if cfg.init.backbone:
+        initialise_backbones(model, cfg.init.backbone, env)
     broadcast_module(model)
-    if resolve_strategy(cfg.run.strategy, env) == "fsdp":
-        shard_meta_arch(model, param_dtype_for(cfg.run.fsdp_param_dtype), torch.float32)
+    if resolve_strategy(cfg.parallel.strategy, env) == "fsdp":
+        shard_meta_arch(model, param_dtype_for(cfg.parallel.fsdp_param_dtype), torch.float32)
     o = cfg.objective.optim
     optimizer = torch.optim.AdamW(model.param_groups(), betas=(o.adamw_beta1, o.adamw_beta2))
     return model, optimizer
@@ -263,111 +258,6 @@ class ModelRecipe:
     fingerprint: Callable[[PretrainConfig], str] = architecture_fingerprint
 
 
-def device_rng_states(device: torch.device) -> dict[str, Tensor]:
-    """This process's generators that training draws from (drop path, any device randomness)."""
-    states = {"torch_rng": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda_rng"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def rank_step_seed(seed: int, rank: int, step: int) -> int:
-    """The generator seed of a rank that has no saved state at ``step`` (added on resume)."""
-    return int(np.random.SeedSequence([seed, rank, step, 0x72616E6B]).generate_state(1)[0])
-
-
-def restore_rng_states(extra: dict[str, Any], env: DistEnv, seed: int, step: int) -> str:
-    """Put this rank's saved generators back; a rank the saving job did not have (its extra state is rank 0's)
-    gets generators derived from (seed, rank, step) instead of a copy of rank 0's. Returns which it did."""
-    saved_rank = extra.get("rank", env.rank)  # checkpoints before the record held every rank's own state
-    if saved_rank != env.rank:
-        torch.manual_seed(rank_step_seed(seed, env.rank, step))  # the CPU and every CUDA generator
-        return "derived"
-    torch.set_rng_state(extra["torch_rng"])
-    if env.device.type == "cuda":
-        if "cuda_rng" in extra:
-            torch.cuda.set_rng_state(extra["cuda_rng"], env.device)
-        else:  # saved on CPU, resumed on CUDA
-            torch.cuda.manual_seed(rank_step_seed(seed, env.rank, step))
-    return "restored"
-
-
-def checkpoint_state(model: SSLMetaArch, optimizer: torch.optim.Optimizer, step: int, data_position: int,
-                     fingerprint: str, env: DistEnv) -> dict[str, Any]:
-    for loss in (model.dino_loss, model.ibot_patch_loss):
-        loss.apply_center_update()  # a pending (lazy) center update must be in the saved buffers
-    return {"model": model, "optimizer": optimizer,
-            "extra": {"step": step, "data_position": data_position, "rank": env.rank,
-                      **device_rng_states(env.device), "architecture": fingerprint}}
-
-
-def check_same_architecture(path: Path, fingerprint: str) -> None:
-    probe: dict[str, Any] = {"extra": {"architecture": ""}}
-    ckpt.load_checkpoint(path, probe)
-    recorded = probe["extra"].get("architecture")
-    if recorded is None:  # written before the record existed: the strict model load still guards shapes
-        log.warning("%s has no architecture record; loading it as is", path)
-        return
-    if recorded != fingerprint:
-        raise CheckpointMismatchError(
-            f"{path} was written by a run with another backbone or head ({probe['extra']['architecture']}); "
-            f"this run has {fingerprint}. Use another run.output_dir, or delete the old checkpoints."
-        )
-
-
-def restore(model: SSLMetaArch, optimizer: torch.optim.Optimizer, directory: Path, env: DistEnv,
-            fingerprint: str, seed: int) -> tuple[int, int]:
-    """Load the newest complete checkpoint, if any; returns (step, data stream position) to start from."""
-    latest = ckpt.latest_checkpoint(directory)
-    if latest is None:
-        return 0, 0
-    check_same_architecture(latest, fingerprint)
-    state = checkpoint_state(model, optimizer, 0, 0, fingerprint, env)
-    ckpt.load_checkpoint(latest, state)
-    step, position = int(state["extra"]["step"]), int(state["extra"]["data_position"])
-    generators = restore_rng_states(state["extra"], env, seed, step)
-    if env.is_main:
-        log.info("resumed from %s at step %d (data position %d)", latest, step, position)
-    if generators == "derived":
-        log.info("rank %d is new to this run: its generators are seeded from (seed, rank, step)", env.rank)
-    return step, position
-
-
-@dataclass(frozen=True)
-class CheckpointPlace:
-    """Where checkpoints go: a local folder, optionally mirrored to an object store prefix."""
-
-    directory: Path
-    keep_last: int
-    store: ObjectStore | None = None
-    prefix: str = ""
-
-    def mirrored(self) -> bool:
-        return self.store is not None and bool(self.prefix)
-
-    def fetch_from_store(self, env: DistEnv) -> None:
-        """On a machine without local checkpoints, bring the newest mirrored one (rank 0, shared folder)."""
-        if self.mirrored() and env.is_main and ckpt.latest_checkpoint(self.directory) is None:
-            assert self.store is not None
-            found = ckpt.download_latest_checkpoint(self.store, self.prefix, self.directory)
-            if found is not None:
-                log.info("fetched checkpoint %s from the object store prefix %s", found.name, self.prefix)
-        barrier()
-
-
-def save(model: SSLMetaArch, optimizer: torch.optim.Optimizer, place: CheckpointPlace, step: int,
-         env: DistEnv, data_position: int, fingerprint: str) -> Path:
-    state = checkpoint_state(model, optimizer, step, data_position, fingerprint, env)
-    path = ckpt.save_checkpoint(place.directory, step, state)
-    if env.is_main:
-        if place.mirrored():
-            assert place.store is not None
-            ckpt.upload_checkpoint(path, place.store, place.prefix)  # marker uploaded last
-        ckpt.prune_checkpoints(place.directory, place.keep_last)
-    barrier()
-    return path
-
-
 StepHook = Callable[[int, SSLMetaArch], bool]
 
 
@@ -376,23 +266,21 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
                     after_step: StepHook | None = None) -> tuple[PretrainResult, SSLMetaArch]:
     """Train (or continue training) until ``objective.optim.iterations`` or ``run.max_steps`` more steps.
 
-    ``store`` (with ``run.checkpoint_store_prefix``) mirrors checkpoints to the object store.
+    The loop reads load -> while -> step -> save: :class:`Checkpointer` owns what a checkpoint holds, when
+    one is written and where (``store`` with ``checkpoint.store_prefix`` mirrors them to the object store).
     ``recipe`` swaps the model and its checkpoint fingerprint (distillation); default: pretraining.
     ``after_step(steps_done, model)`` runs after every completed step (benchmarks evaluate the teacher
     there); returning True ends training after that step, with a checkpoint, as if it were the last.
     """
     recipe = recipe or ModelRecipe()
     tracker = tracker or NullTracker()
-    output = root / cfg.run.output_dir
-    place = CheckpointPlace(output / "checkpoints", cfg.run.keep_last, store, cfg.run.checkpoint_store_prefix)
-    place.fetch_from_store(env)
-    checkpoints = place.directory
     torch.manual_seed(cfg.data.seed)  # the same initial weights on every rank (and broadcast in build_model)
     model, optimizer = build_model(cfg, env, recipe)
-    fsdp = resolve_strategy(cfg.run.strategy, env) == "fsdp"
+    fsdp = resolve_strategy(cfg.parallel.strategy, env) == "fsdp"
     torch.manual_seed(cfg.data.seed + env.rank)  # drop path draws differ per rank; restored on resume
-    fingerprint = recipe.fingerprint(cfg)
-    start, position = restore(model, optimizer, checkpoints, env, fingerprint, cfg.data.seed)
+    checkpointer = Checkpointer(model, optimizer, env, root / cfg.run.output_dir / "checkpoints", cfg.checkpoint,
+                                recipe.fingerprint(cfg), cfg.data.seed, store)
+    start, position = checkpointer.load()
     total = cfg.objective.optim.iterations
     stream = DataStream(cfg, env, root, store)
     stream.seek(start, position)
@@ -403,7 +291,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
                                   cfg.crops.local_crops_number, env.device) if env.is_main or fsdp else 0.0
     peak = peak_flops(env.device)
     result = PretrainResult(start_step=start, end_step=start, total_steps=total, checkpoint=None)
-    last_saved, unreadable_in_a_row = start, 0
+    unreadable_in_a_row = 0
     tick, steps_since_tick = time.perf_counter(), 0
     wait_since_tick = 0.0
     for step in range(start, end):
@@ -427,7 +315,7 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
         wait_since_tick += waited
         values = schedules.at(step)
         apply_schedules(optimizer.param_groups, values["lr"], values["wd"], values["last_layer_lr"],
-                        backbone_frozen=step < cfg.run.head_warmup_iters)
+                        backbone_frozen=step < cfg.init.head_warmup_iters)
         optimizer.zero_grad(set_to_none=True)
         losses = model.forward_backward(batch, teacher_temp=values["teacher_temp"])
         check_finite(losses, step, env.device)
@@ -453,13 +341,11 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
                 metrics["mfu"] = images_per_second * image_flops / (peak * env.world_size)
             tracker.log_step(step, metrics)
         stop = after_step is not None and after_step(step + 1, model)
-        if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == end or stop:
-            result.checkpoint = save(model, optimizer, place, step + 1, env, stream.position(step + 1), fingerprint)
-            last_saved = step + 1
+        saved = checkpointer.save(step + 1, stream.position(step + 1), last=step + 1 == end or stop)
+        result.checkpoint = saved or result.checkpoint
         if stop:
             break
-    if result.end_step > last_saved:  # skipped tail steps: persist the position anyway
-        result.checkpoint = save(model, optimizer, place, result.end_step, env, stream.position(result.end_step),
-                                 fingerprint)
+    if result.end_step > checkpointer.last_saved:  # skipped tail steps: persist the position anyway
+        result.checkpoint = checkpointer.save(result.end_step, stream.position(result.end_step), last=True)
     tracker.close()
     return result, model

@@ -1,0 +1,138 @@
+"""The training loop's checkpointer (torchtitan-style): ``load()`` once, ``save(step, last=...)`` every step.
+
+It owns what a checkpoint holds, when one is written and where:
+
+- **what**: model (student, EMA teacher, heads, loss centers), optimizer, step, data-stream position,
+  the saving rank and its own CPU and CUDA generators (drop path), and the architecture fingerprint;
+  a pending lazy center update is applied first so the saved buffers are current;
+- **when**: every ``checkpoint.every`` steps and at the last step of an invocation (``last=True``);
+- **where**: ``<output_dir>/checkpoints`` (DCP layout, components/train/checkpoint.py), pruned to
+  ``checkpoint.keep_last``, mirrored to the object store under ``checkpoint.store_prefix`` when set; a
+  machine with no local checkpoint resumes from the newest mirrored one.
+
+Resuming refuses a checkpoint of another architecture (:class:`CheckpointMismatchError`). A rank the
+saving job did not have gets generators derived from (seed, rank, step) instead of a copy of rank 0's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from components.ssl.meta_arch import SSLMetaArch
+from components.storage import ObjectStore
+from components.train import checkpoint as ckpt
+from components.train.config import CheckpointConfig
+from components.train.distributed import DistEnv, barrier
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint to resume from belongs to a run with another architecture."""
+
+
+def device_rng_states(device: torch.device) -> dict[str, Tensor]:
+    """This process's generators that training draws from (drop path, any device randomness)."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def rank_step_seed(seed: int, rank: int, step: int) -> int:
+    """The generator seed of a rank that has no saved state at ``step`` (added on resume)."""
+    return int(np.random.SeedSequence([seed, rank, step, 0x72616E6B]).generate_state(1)[0])
+
+
+def restore_rng_states(extra: dict[str, Any], env: DistEnv, seed: int, step: int) -> str:
+    """Put this rank's saved generators back; a rank the saving job did not have (its extra state is rank 0's)
+    gets generators derived from (seed, rank, step) instead of a copy of rank 0's. Returns which it did."""
+    saved_rank = extra.get("rank", env.rank)  # checkpoints before the record held every rank's own state
+    if saved_rank != env.rank:
+        torch.manual_seed(rank_step_seed(seed, env.rank, step))  # the CPU and every CUDA generator
+        return "derived"
+    torch.set_rng_state(extra["torch_rng"])
+    if env.device.type == "cuda":
+        if "cuda_rng" in extra:
+            torch.cuda.set_rng_state(extra["cuda_rng"], env.device)
+        else:  # saved on CPU, resumed on CUDA
+            torch.cuda.manual_seed(rank_step_seed(seed, env.rank, step))
+    return "restored"
+
+
+class Checkpointer:
+    """Loads the newest complete checkpoint of a run and saves new ones (see the module docstring)."""
+
+    def __init__(self, model: SSLMetaArch, optimizer: torch.optim.Optimizer, env: DistEnv, directory: Path,
+                 config: CheckpointConfig, fingerprint: str, seed: int, store: ObjectStore | None = None) -> None:
+        self.model, self.optimizer, self.env = model, optimizer, env
+        self.directory, self.config, self.fingerprint, self.seed = Path(directory), config, fingerprint, seed
+        self.store = store if config.store_prefix else None
+        self.last_saved = 0  # the step of the newest checkpoint this run has (loaded or written)
+
+    def state(self, step: int, data_position: int) -> dict[str, Any]:
+        """What one checkpoint holds (the same structure is the template a load fills in)."""
+        for loss in (self.model.dino_loss, self.model.ibot_patch_loss):
+            loss.apply_center_update()  # a pending (lazy) center update must be in the saved buffers
+        return {"model": self.model, "optimizer": self.optimizer,
+                "extra": {"step": step, "data_position": data_position, "rank": self.env.rank,
+                          **device_rng_states(self.env.device), "architecture": self.fingerprint}}
+
+    def load(self) -> tuple[int, int]:
+        """Resume from the newest complete checkpoint, if any: (step, data-stream position) to start from."""
+        self.fetch_from_store()
+        latest = ckpt.latest_checkpoint(self.directory)
+        if latest is None:
+            return 0, 0
+        self.check_architecture(latest)
+        state = self.state(0, 0)
+        ckpt.load_checkpoint(latest, state)
+        step, position = int(state["extra"]["step"]), int(state["extra"]["data_position"])
+        generators = restore_rng_states(state["extra"], self.env, self.seed, step)
+        if self.env.is_main:
+            log.info("resumed from %s at step %d (data position %d)", latest, step, position)
+        if generators == "derived":
+            log.info("rank %d is new to this run: its generators are seeded from (seed, rank, step)", self.env.rank)
+        self.last_saved = step
+        return step, position
+
+    def save(self, step: int, data_position: int, last: bool = False) -> Path | None:
+        """Write a checkpoint of ``step`` when it is due (every ``checkpoint.every`` steps, or ``last``);
+        returns its folder, or None when none was due. Collective: every rank calls it."""
+        if not last and step % self.config.every:
+            return None
+        path = ckpt.save_checkpoint(self.directory, step, self.state(step, data_position))
+        if self.env.is_main:
+            if self.store is not None:
+                ckpt.upload_checkpoint(path, self.store, self.config.store_prefix)  # marker uploaded last
+            ckpt.prune_checkpoints(self.directory, self.config.keep_last)
+        barrier()
+        self.last_saved = step
+        return path
+
+    def fetch_from_store(self) -> None:
+        """On a machine without local checkpoints, bring the newest mirrored one (rank 0, shared folder)."""
+        if self.store is not None and self.env.is_main and ckpt.latest_checkpoint(self.directory) is None:
+            found = ckpt.download_latest_checkpoint(self.store, self.config.store_prefix, self.directory)
+            if found is not None:
+                log.info("fetched checkpoint %s from the object store prefix %s", found.name,
+                         self.config.store_prefix)
+        barrier()
+
+    def check_architecture(self, path: Path) -> None:
+        probe: dict[str, Any] = {"extra": {"architecture": ""}}
+        ckpt.load_checkpoint(path, probe)
+        recorded = probe["extra"].get("architecture")
+        if recorded is None:  # written before the record existed: the strict model load still guards shapes
+            log.warning("%s has no architecture record; loading it as is", path)
+            return
+        if recorded != self.fingerprint:
+            raise CheckpointMismatchError(
+                f"{path} was written by a run with another backbone or head ({recorded}); this run has "
+                f"{self.fingerprint}. Use another run.output_dir, or delete the old checkpoints.")
