@@ -48,6 +48,9 @@ def add_model_commands(subparsers: Any) -> None:
     pull.add_argument("model", help="NAME@ALIAS or NAME/VERSION (models:/ prefix optional)")
     pull.add_argument("--dest", required=True, help="destination folder (must be empty unless --force)")
     pull.add_argument("--force", action="store_true", help="replace a non-empty destination")
+    pull.add_argument("--format", choices=("registry", "hf", "timm"), default="registry",
+                      help="registry: the version's own files; hf: a folder for transformers' from_pretrained; "
+                           "timm: model.safetensors + model.timm.json for timm.create_model (default: registry)")
     _add_project(pull)
     pull.set_defaults(handler=cmd_models_pull)
 
@@ -134,7 +137,11 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
     point_mlflow_at_project(args.project)
     try:
-        return print_json(pull_model(args.model, Path(args.dest), overwrite=args.force))
+        return print_json(pull_model(args.model, Path(args.dest), overwrite=args.force, fmt=args.format))
     except FileExistsError as exc:
         print(f"dinoflow: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # transformers / timm are optional dependencies
+        print(f"dinoflow: models pull --format {args.format} needs {exc.name or exc}: "
+              "pip install 'dinoflow[export]' (or dinoflow[dev])", file=sys.stderr)
         return 2

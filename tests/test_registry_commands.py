@@ -158,3 +158,61 @@ def test_export_from_the_registry(tracking: Registry, tmp_path: Path, capsys: py
                    "--out", str(tmp_path / "model.onnx")], capsys)
     assert out["outputs"] == ["cls", "patch_tokens"] and out["max_abs_diff"] <= 1e-4
     assert (tmp_path / "model.onnx").is_file()
+
+
+def run_fresh_python(script: str, tracking_uri: str, cwd: Path) -> dict:  # type: ignore[type-arg]
+    """``script`` in a new interpreter that never ran the CLI: its environment is the machine's quiet,
+    offline defaults (telemetry off) plus the one documented variable, MLFLOW_TRACKING_URI."""
+    import os
+    import subprocess
+    import sys
+
+    from components.environment import quiet_offline_defaults
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DINOFLOW_"))}
+    env.update(quiet_offline_defaults(cwd / "state"))
+    env.pop("DINOFLOW_HOME")
+    env.update({"MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    done = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_mlflow_hf_and_timm_load_a_registered_backbone_in_a_fresh_process(
+        tracking: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import mlflow
+    import numpy as np
+
+    reference = load(tracking.backbone_dir).model
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cls = reference.forward_features(x)["x_norm_clstoken"]
+    np.save(tmp_path / "x.npy", x.numpy())
+    uri = mlflow.get_tracking_uri()
+    # MLflow itself: the pyfunc version answers predict() with the CLS embedding (images in 0..255).
+    served = run_fresh_python(
+        "import json, mlflow, numpy as np\n"
+        f"model = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        "out = model.predict(np.full((2, 28, 28, 3), 128, dtype=np.uint8))\n"
+        "print(json.dumps({'shape': list(out.shape)}))\n", uri, tmp_path)
+    assert served["shape"] == [2, reference.embed_dim]
+    # dinoflow models pull --format hf / timm, then loaded by transformers and by timm alone.
+    hf = run_cli(["models", "pull", f"{NAME}@champion", "--dest", str(tmp_path / "hf"), "--format", "hf"], capsys)
+    assert hf["max_abs_diff"] <= 1e-4 and "config.json" in hf["files"]
+    timm_out = run_cli(["models", "pull", f"{NAME}/1", "--dest", str(tmp_path / "timm"), "--format", "timm"], capsys)
+    assert timm_out["files"] == ["model.safetensors", "model.timm.json"]
+    loaded = run_fresh_python(
+        "import json, numpy as np, torch, timm\n"
+        "from transformers import AutoModel\n"
+        "x = torch.from_numpy(np.load('x.npy'))\n"
+        "hf = AutoModel.from_pretrained('hf').eval()\n"
+        "recipe = json.load(open('timm/model.timm.json'))\n"
+        "tm = timm.create_model(recipe['model_name'], pretrained=True,\n"
+        "                       pretrained_cfg_overlay={'file': 'timm/model.safetensors'}, **recipe['kwargs']).eval()\n"
+        "with torch.no_grad():\n"
+        "    a = hf(pixel_values=x).last_hidden_state[:, 0]\n"
+        "    b = tm.forward_features(x)[:, 0]\n"
+        "print(json.dumps({'hf': a.tolist(), 'timm': b.tolist()}))\n", uri, tmp_path)
+    for name in ("hf", "timm"):
+        torch.testing.assert_close(torch.tensor(loaded[name]), cls, atol=1e-4, rtol=0)

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from components.models.export import find_backbone_dir
 from components.registry.lineage import run_lineage
@@ -62,8 +62,19 @@ def show_model(uri: str, client: Any | None = None) -> dict[str, Any]:
             "description": version.description or "", "lineage": run_lineage(client, version.run_id)}
 
 
-def pull_model(uri: str, dest: Path, client: Any | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Download a version's files into ``dest`` (which must not exist or be empty unless ``overwrite``)."""
+PullFormat = Literal["registry", "hf", "timm"]
+
+
+def pull_model(uri: str, dest: Path, client: Any | None = None, overwrite: bool = False,
+               fmt: PullFormat = "registry") -> dict[str, Any]:
+    """Download a version's files into ``dest`` (which must not exist or be empty unless ``overwrite``).
+
+    ``fmt``: ``registry`` keeps the version's own files (backbone folder or pyfunc model); ``hf`` writes a
+    folder ``transformers.AutoModel.from_pretrained(dest)`` loads; ``timm`` writes ``model.safetensors``
+    (timm keys) and ``model.timm.json`` (``timm.create_model`` name and kwargs). Both exports are checked
+    against the backbone before they are kept (components/models/{hf,timm}_export.py)."""
+    if fmt != "registry":
+        return pull_exported(uri, Path(dest), client, overwrite, fmt)
     client = default_client(client)
     uri = registry_uri(uri)
     version = registry_version(client, uri)
@@ -84,6 +95,38 @@ def pull_model(uri: str, dest: Path, client: Any | None = None, overwrite: bool 
     return {"uri": uri, "name": version.name, "version": str(version.version), "dest": str(dest),
             "kind": "pyfunc" if (dest / "MLmodel").is_file() else "backbone", "backbone_dir": str(backbone),
             "files": sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())}
+
+
+def pull_exported(uri: str, dest: Path, client: Any | None, overwrite: bool, fmt: PullFormat) -> dict[str, Any]:
+    dest = Path(dest).resolve()
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dest} is not empty (pass overwrite / --force to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pull-"))
+    try:
+        pulled = pull_model(uri, scratch / "version", client)
+        backbone = Path(pulled["backbone_dir"])
+        staged = scratch / "export"
+        extra: dict[str, Any]
+        if fmt == "hf":
+            from components.models.hf_export import export_hf
+
+            hf = export_hf(backbone, staged)
+            extra = {"model_class": hf.model_class, "max_abs_diff": hf.max_abs_diff}
+        else:
+            from components.models.timm_export import export_timm
+
+            staged.mkdir()
+            timm = export_timm(backbone, staged / "model.safetensors")
+            extra = {"timm_model": timm.model_name, "timm_kwargs": timm.model_kwargs,
+                     "max_abs_diff": timm.max_abs_diff}
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staged, dest)  # a finished, verified export or nothing
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"uri": pulled["uri"], "name": pulled["name"], "version": pulled["version"], "dest": str(dest),
+            "format": fmt, **extra, "files": sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())}
 
 
 def escape(name: str) -> str:
