@@ -19,6 +19,7 @@ What goes where in DCP:
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -60,6 +62,10 @@ TEMP_PATTERN = re.compile(r"^\.step_(\d{9,})\.(?:tmp|old)-[0-9a-f]+$")
 EXTRA_ROOT = "_extra"
 # JSON objects with this key stand for values JSON cannot hold directly.
 TAG = "__dinoflow__"
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space; the previous complete one is untouched."""
 
 
 class CheckpointError(RuntimeError):
@@ -381,14 +387,48 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     barrier()
     collective = collective_state(state)
     dcp_state: dict[str, Any] = {**collective, **extra_state(state, collective)}
-    with quiet_single_process():
-        dcp.save(dcp_state, storage_writer=dcp.FileSystemWriter(temp, sync_files=True))
-    barrier()  # every rank's shards are on disk before the marker vouches for them
-    if rank() == 0:
-        write_marker(temp, step)
-        publish(temp, final)
+    try:
+        with quiet_single_process():
+            dcp.save(dcp_state, storage_writer=dcp.FileSystemWriter(temp, sync_files=True))
+        barrier()  # every rank's shards are on disk before the marker vouches for them
+        if rank() == 0:
+            write_marker(temp, step)
+            publish(temp, final)
+    except (OSError, CheckpointException) as exc:
+        if not is_disk_full(exc):
+            raise
+        # No barrier here: DCP raises on every rank alike, and a rank waiting for another would hang.
+        if rank() == 0:
+            shutil.rmtree(temp, ignore_errors=True)  # the partial folder: give its space back
+        raise DiskFullError(errno.ENOSPC, disk_full_message(directory, step)) from exc
     barrier()  # nobody reads or prunes before the rename
     return final
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (or EDQUOT) anywhere in the exception, its causes, or the per-rank failures DCP collected."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(current, CheckpointException):
+            pending.extend(failure[0] for failure in current.failures.values())
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return "No space left on device" in str(exc)
+
+
+def disk_full_message(directory: Path, step: int) -> str:
+    free = shutil.disk_usage(directory).free if directory.exists() else 0
+    latest = latest_checkpoint(directory)
+    kept = f"the newest complete checkpoint is still {latest}" if latest else "there is no complete checkpoint yet"
+    return (f"checkpoint of step {step} not written: no space left on the device of {directory} "
+            f"({free:,} bytes free); the partial folder was removed and {kept}. Free space (or lower "
+            "checkpoint.keep_last) and rerun the same command: training resumes from the newest complete one.")
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
