@@ -333,7 +333,8 @@ def build_manifest(selected: pl.DataFrame, cfg: CurateConfig) -> pl.DataFrame:
     """The pretraining manifest: a ``uri`` per image, ``split`` for DataConfig.splits, labels if known.
 
     ``uri`` is as ingest recorded it: a key of the configured store, or an absolute URI outside it."""
-    columns = ["id", "uri", "key", "sha256", "width", "height"]
+    # format / extension_mismatch: decided from the bytes at ingest, kept so a user sees a PNG named .jpg
+    columns = ["id", "uri", "key", "sha256", "width", "height", "format", "extension_mismatch"]
     manifest = selected.select(columns).with_columns(pl.lit(cfg.outputs.split).alias("split"))
     if cfg.outputs.labels:
         labels = read_table(cfg.outputs.labels).select("key", pl.col("label").cast(pl.Int32), "class_name")
