@@ -58,7 +58,7 @@ from components.registry.promotion import (
     version_by_alias,
 )
 from components.registry.publish import tag_evaluation
-from components.registry.resolve import ResolvedModel, resolve
+from components.registry.resolve import ResolvedModel, default_client, resolve
 from components.registry.uri import alias_uri, parse_source, version_uri
 from components.stages.context import StageContext
 from components.storage.atomic import write_text_atomic
@@ -172,12 +172,10 @@ def current_champion(champion_uri: str, model: ResolvedModel) -> ChampionMetrics
     """The champion's eval.* numbers, unless there is none, it is the model itself, or comparison is off."""
     if not champion_uri:
         return None
-    from mlflow import MlflowClient
-
     ref = parse_source(champion_uri).require("registry")
     assert ref.name is not None and ref.alias is not None  # EvaluateConfig.validate refuses a version number
     same_model = model.version if model.name == ref.name else None
-    return champion_metrics(MlflowClient(), ref.name, ref.alias, exclude_version=same_model)
+    return champion_metrics(default_client(), ref.name, ref.alias, exclude_version=same_model)
 
 
 # ---------------------------------------------------------------- optional suites
@@ -394,12 +392,10 @@ def run_promotion(context: StageContext, cfg: EvaluateConfig, model_name: str | 
     Both aliases are resolved to version numbers first, so an alias moved by someone else during the
     round changes nothing here. An absent alias is skipped. A failed evaluation is tagged on its version
     (``promotion.decision=evaluation_failed``) and raised as EvaluationFailed: no alias moves."""
-    from mlflow import MlflowClient
-
     name = model_name or cfg.schedule.model_name
     policy = cfg.promotion
     configure(context.tracking)  # the registry of this project, before any lookup
-    client = MlflowClient()
+    client = default_client()
     champion_v, challenger_v = (version_by_alias(client, name, alias)
                                 for alias in (policy.champion_alias, policy.challenger_alias))
     versions = {role: str(v.version) for role, v in (("champion", champion_v), ("challenger", challenger_v))
