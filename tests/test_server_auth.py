@@ -27,12 +27,20 @@ import httpx
 import pytest
 
 from components.environment import quiet_offline_defaults
-from tests.test_server_mode import BIN, Server, clean_environ, free_port, start_server, stop_server, wait_healthy
+from tests.test_server_mode import (
+    BIN,
+    STAGE_TIMEOUT_S,
+    START_TIMEOUT_S,
+    Server,
+    clean_environ,
+    free_port,
+    start_server,
+    stop_server,
+    wait_healthy,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 AUTH_CONFIG_SCRIPT = REPO / "infra" / "compose" / "mlflow_auth_config.py"
-START_TIMEOUT_S = 180
-STAGE_TIMEOUT_S = 300
 MLFLOW_USER = "dinoflow"
 
 DATA_PARAMS = """\

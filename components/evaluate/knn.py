@@ -115,15 +115,13 @@ def knn_evaluate(
     targets = _labels(test_labels)  # (N_test,)
     scores = knn_predict(train_features, train_labels, test_features, ks, temperature, num_classes,
                          query_chunk, train_chunk)
-    metrics: dict[str, float] = {}
     per_query: dict[str, np.ndarray] = {}
     for k, votes in scores.items():
         ranked = ranked_classes(votes)  # (N_test, C)
         hits = ranked[:, :5] == targets[:, None]  # (N_test, min(5, C))
         per_query[f"knn_top1_k{k}"] = hits[:, 0].numpy().copy()
         per_query[f"knn_top5_k{k}"] = hits.any(dim=1).numpy().copy()
-        metrics[f"knn_top1_k{k}"] = float(hits[:, 0].float().mean())
-        metrics[f"knn_top5_k{k}"] = float(hits.any(dim=1).float().mean())
+    metrics = {key: float(hit.mean()) for key, hit in per_query.items()}
     return metrics, per_query
 
 

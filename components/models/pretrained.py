@@ -37,10 +37,9 @@ def read_state_dict(source: str) -> dict[str, Tensor]:
 
     ``source`` is parsed by the one model-source parser (components/registry/uri.py): ``hub:NAME`` or a
     bare released name (``dinov2_vits14``) is the official download, anything else a local path."""
-    released = source.removeprefix(HUB_PREFIX)
-    if source.startswith(HUB_PREFIX) or released in RELEASED:
-        name = parse_source(HUB_PREFIX + released).name
-        assert name is not None
+    name = source.removeprefix(HUB_PREFIX)
+    if source.startswith(HUB_PREFIX) or name in RELEASED:
+        parse_source(HUB_PREFIX + name)  # an unknown released name fails here, with the list of known ones
         raw = torch.hub.load_state_dict_from_url(official_url(name), map_location="cpu")
         return normalise_keys(raw)
     path = Path(parse_source(source).require("path").text)

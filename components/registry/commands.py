@@ -6,9 +6,11 @@ command line, Prefect flows and tests call the same code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,31 +81,37 @@ def pull_model(uri: str, dest: Path, client: Any | None = None, overwrite: bool 
     uri = registry_uri(uri)
     version = registry_version(client, uri)
     dest = Path(dest).resolve()
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dest} is not empty (pass overwrite / --force to replace it)")
-    # Stage beside dest, then swap it in: an interrupted pull never leaves a half-filled dest.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pull-"))
-    try:
-        downloaded = download_once(str(version.source), staging / "files", client_tracking_uri(client))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(downloaded, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_destination(dest, overwrite) as scratch:
+        swap_in(download_once(str(version.source), scratch / "files", client_tracking_uri(client)), dest)
     backbone = find_backbone_dir(dest)
     return {"uri": uri, "name": version.name, "version": str(version.version), "dest": str(dest),
             "kind": "pyfunc" if (dest / "MLmodel").is_file() else "backbone", "backbone_dir": str(backbone),
             "files": sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())}
 
 
-def pull_exported(uri: str, dest: Path, client: Any | None, overwrite: bool, fmt: PullFormat) -> dict[str, Any]:
-    dest = Path(dest).resolve()
+@contextlib.contextmanager
+def staged_destination(dest: Path, overwrite: bool) -> Iterator[Path]:
+    """A scratch folder beside ``dest`` (removed afterwards): work is staged there and swapped in whole, so
+    an interrupted pull never leaves a half-filled ``dest``. A non-empty ``dest`` needs ``overwrite``."""
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise FileExistsError(f"{dest} is not empty (pass overwrite / --force to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pull-"))
     try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def swap_in(finished: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(finished, dest)
+
+
+def pull_exported(uri: str, dest: Path, client: Any | None, overwrite: bool, fmt: PullFormat) -> dict[str, Any]:
+    dest = Path(dest).resolve()
+    with staged_destination(dest, overwrite) as scratch:
         pulled = pull_model(uri, scratch / "version", client)
         backbone = Path(pulled["backbone_dir"])
         staged = scratch / "export"
@@ -120,11 +128,7 @@ def pull_exported(uri: str, dest: Path, client: Any | None, overwrite: bool, fmt
             timm = export_timm(backbone, staged / "model.safetensors")
             extra = {"timm_model": timm.model_name, "timm_kwargs": timm.model_kwargs,
                      "max_abs_diff": timm.max_abs_diff}
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staged, dest)  # a finished, verified export or nothing
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        swap_in(staged, dest)  # a finished, verified export or nothing
     return {"uri": pulled["uri"], "name": pulled["name"], "version": pulled["version"], "dest": str(dest),
             "format": fmt, **extra, "files": sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())}
 

@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -155,13 +156,22 @@ def download_once(source: str, target: Path, tracking_uri: str | None = None) ->
 
     if target.is_dir():
         return target
+    return staged_download(target, lambda staging: Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=str(staging), tracking_uri=tracking_uri, registry_uri=tracking_uri)))
+
+
+def staged_download(target: Path, download: Callable[[Path], Path], replace: bool = False) -> Path:
+    """``download(staging)`` into a staging folder beside ``target``, then renamed into place, so
+    ``target`` is complete or absent. An existing ``target`` (another process finished first) is kept,
+    unless ``replace`` (it was found incomplete)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging),
-                                                         tracking_uri=tracking_uri, registry_uri=tracking_uri))
-        if target.exists():  # another process finished first: theirs is as good as ours
-            return target
+        local = download(staging)
+        if target.exists():
+            if not replace:
+                return target  # theirs is as good as ours
+            shutil.rmtree(target)
         os.replace(local, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -181,15 +191,8 @@ def version_checkpoint(model: ResolvedModel, cache_dir: Path, client: Any | None
     target = Path(cache_dir) / safe_name(model.name) / f"{model.version}-checkpoint-{model.run_id[:12]}"
     if ckpt.is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(
-            run_id=model.run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(staging),
-            tracking_uri=client_tracking_uri(client)))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(local, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    run_id, tracking_uri = model.run_id, client_tracking_uri(client)
+    staged_download(target, lambda staging: Path(mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(staging), tracking_uri=tracking_uri)),
+        replace=True)
     return target if ckpt.is_complete(target) else None
