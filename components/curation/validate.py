@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from components.curation import reasons
-from components.storage import ObjectStore
+from components.storage import ObjectStore, StoreUnavailableError
 
 # Which decoder formats each extension names. The configured extensions say which files are
 # candidates and which formats are accepted; the format of a file is decided from its bytes, so a
@@ -195,7 +195,9 @@ def check_object(store: ObjectStore, key: str, rules: ValidationRules) -> Checke
         return Checked(key, uri, reasons.UNSUPPORTED_EXTENSION, f"extension {ext!r} is not one of: {allowed}")
     try:
         data = store.read(key)
-    except Exception as exc:  # any store failure (missing, permissions, network) rejects just this file
+    except StoreUnavailableError:
+        raise  # the store is down, not the file bad: stop the run rather than reject what is left
+    except Exception as exc:  # any other store failure (missing, permissions) rejects just this file
         return Checked(key, uri, reasons.UNREADABLE, _short(exc))
     if not data:
         return Checked(key, uri, reasons.ZERO_BYTES, "the file is empty", bytes=0)

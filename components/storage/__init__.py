@@ -9,9 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from components.storage.base import InvalidKeyError, ObjectNotFoundError, ObjectStore, check_key, join_key
+from components.storage.base import (
+    InvalidKeyError,
+    ObjectNotFoundError,
+    ObjectStore,
+    StoreUnavailableError,
+    check_key,
+    join_key,
+)
 from components.storage.local import LocalObjectStore
 from components.storage.locations import StoreLocator, is_store_key
+from components.storage.retry import RetryPolicy
 from components.storage.s3 import S3ObjectStore, parse_s3_uri
 
 
@@ -54,8 +62,10 @@ __all__ = [
     "LocalObjectStore",
     "ObjectNotFoundError",
     "ObjectStore",
+    "RetryPolicy",
     "S3ObjectStore",
     "StoreLocator",
+    "StoreUnavailableError",
     "check_key",
     "file_uri_to_path",
     "is_store_key",

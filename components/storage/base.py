@@ -18,6 +18,13 @@ class ObjectNotFoundError(KeyError):
         return str(self.args[0]) if self.args else "object not found"
 
 
+class StoreUnavailableError(RuntimeError):
+    """The store kept failing for longer than its retry budget (server down, unreachable or overloaded).
+
+    Not a verdict on the object: callers must not record the object as bad (a curation reject, a
+    skipped image) but stop, so that the run can be repeated once the store is back."""
+
+
 class InvalidKeyError(ValueError):
     """A key that could escape the store root or is otherwise malformed."""
 

@@ -4,20 +4,32 @@ Credentials come from boto3's normal chain (environment, shared config, instance
 never logged or shown in ``repr``. The endpoint comes from the argument, else ``AWS_ENDPOINT_URL``
 (which boto3 also reads itself), else AWS. S3 publishes an object only when its PUT (or the
 CompleteMultipartUpload of a multipart upload) succeeds, so writes are atomic by the protocol.
+
+Every operation rides out a server that is briefly down or overloaded (components/storage/retry.py):
+transient failures are retried for up to ``DINOFLOW_S3_RETRY_SECONDS`` (default 120 s), logged once per
+outage, and then raised as :class:`StoreUnavailableError`. Each retry repeats a whole request (S3 GET,
+PUT, HEAD, LIST and DELETE are idempotent; an upload is published only when it completes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from components.storage.base import ObjectNotFoundError, check_key, join_key
+from components.storage.retry import OutageLog, RetryPolicy, call_with_retries
 
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+# botocore's own attempts per request: quick retries of a blip; an outage is the store's retry loop's job.
+_BOTOCORE_ATTEMPTS = 3
+_CONNECT_TIMEOUT_SECONDS = 10  # botocore's 60 s would let one hung connection eat half the retry budget
+
+T = TypeVar("T")
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -40,16 +52,24 @@ class S3ObjectStore:
         region: str | None = None,
         client: Any | None = None,
         create_bucket: bool = False,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         self._client = client if client is not None else _make_client(self.endpoint_url, region)
+        self.retry = retry if retry is not None else RetryPolicy.from_environment()
+        self._outage = OutageLog(f"S3 endpoint {self.endpoint_url or 'AWS'} (bucket {self.bucket})")
         if create_bucket:
             self.ensure_bucket()
 
     def __repr__(self) -> str:
         where = f", endpoint={self.endpoint_url!r}" if self.endpoint_url else ""
         return f"S3ObjectStore({self.uri!r}{where})"
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client (for its event hooks, or calls this class does not wrap: those get no retries)."""
+        return self._client
 
     @property
     def uri(self) -> str:
@@ -61,8 +81,14 @@ class S3ObjectStore:
     def _key(self, key: str) -> str:
         return join_key(self.prefix, check_key(key))
 
+    def _retrying(self, operation: str, attempt: Callable[[], T]) -> T:
+        return call_with_retries(operation, attempt, self.retry, self._outage)
+
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (needs the permission to do so)."""
+        self._retrying(f"create bucket {self.bucket}", self._ensure_bucket_once)
+
+    def _ensure_bucket_once(self) -> None:
         from botocore.exceptions import ClientError
 
         try:
@@ -70,9 +96,17 @@ class S3ObjectStore:
         except ClientError as exc:
             if _error_code(exc) not in _MISSING_CODES | {"NoSuchBucket"}:
                 raise
-            self._client.create_bucket(Bucket=self.bucket)
+            try:
+                self._client.create_bucket(Bucket=self.bucket)
+            except ClientError as again:
+                # A retry after a create whose answer was lost: the bucket is there, and ours.
+                if _error_code(again) != "BucketAlreadyOwnedByYou":
+                    raise
 
     def read(self, key: str) -> bytes:
+        return self._retrying(f"GET {self.url_for(key)}", functools.partial(self._read_once, key))
+
+    def _read_once(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
         try:
@@ -81,15 +115,19 @@ class S3ObjectStore:
             if _error_code(exc) in _MISSING_CODES:
                 raise ObjectNotFoundError(f"no object {key!r} in {self.uri}") from exc
             raise
+        # Inside the retried call: a body cut off mid-read repeats the whole GET.
         body: bytes = response["Body"].read()
         return body
 
     def write(self, key: str, data: bytes) -> None:
-        self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        self._retrying(f"PUT {self.url_for(key)}", functools.partial(
+            self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data))
 
     def upload_file(self, key: str, path: Path) -> None:
-        # Managed transfer: multipart above 8 MiB; the object appears only on completion.
-        self._client.upload_file(str(path), self.bucket, self._key(key))
+        # Managed transfer: multipart above 8 MiB; the object appears only on completion, so a failed
+        # attempt leaves nothing behind and the retry uploads the whole file again.
+        self._retrying(f"PUT {self.url_for(key)}", functools.partial(
+            self._client.upload_file, str(path), self.bucket, self._key(key)))
 
     def download_file(self, key: str, path: Path) -> None:
         from botocore.exceptions import ClientError
@@ -98,7 +136,8 @@ class S3ObjectStore:
         fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(fd)
         try:
-            self._client.download_file(self.bucket, self._key(key), temp_name)
+            self._retrying(f"GET {self.url_for(key)}", functools.partial(
+                self._client.download_file, self.bucket, self._key(key), temp_name))
             os.replace(temp_name, path)
         except ClientError as exc:
             if _error_code(exc) in _MISSING_CODES:
@@ -113,12 +152,29 @@ class S3ObjectStore:
         if prefix.endswith("/") and not full_prefix.endswith("/"):
             full_prefix += "/"
         strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self._client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+        # Page by page with the continuation token, each page retried on its own: an outage in the
+        # middle of a long listing resumes where it stopped instead of starting over.
+        token: str | None = None
+        while True:
+            page = self._retrying(f"LIST s3://{self.bucket}/{full_prefix}",
+                                  functools.partial(self._list_page, full_prefix, token))
             for item in page.get("Contents", []):
                 yield item["Key"][strip:]
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return
+
+    def _list_page(self, full_prefix: str, token: str | None) -> dict[str, Any]:
+        arguments = {"Bucket": self.bucket, "Prefix": full_prefix}
+        if token:
+            arguments["ContinuationToken"] = token
+        page: dict[str, Any] = self._client.list_objects_v2(**arguments)
+        return page
 
     def exists(self, key: str) -> bool:
+        return self._retrying(f"HEAD {self.url_for(key)}", functools.partial(self._exists_once, key))
+
+    def _exists_once(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         try:
@@ -130,7 +186,8 @@ class S3ObjectStore:
         return True
 
     def delete(self, key: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        self._retrying(f"DELETE {self.url_for(key)}", functools.partial(
+            self._client.delete_object, Bucket=self.bucket, Key=self._key(key)))
 
 
 def _make_client(endpoint_url: str | None, region: str | None) -> Any:
@@ -139,7 +196,8 @@ def _make_client(endpoint_url: str | None, region: str | None) -> Any:
 
     session = boto3.session.Session(region_name=region or os.environ.get("AWS_DEFAULT_REGION") or None)
     # Path-style addressing works with every S3-compatible server on loopback (no DNS per bucket).
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"})
+    config = Config(retries={"total_max_attempts": _BOTOCORE_ATTEMPTS, "mode": "standard"},
+                    connect_timeout=_CONNECT_TIMEOUT_SECONDS, s3={"addressing_style": "path"})
     return session.client("s3", endpoint_url=endpoint_url, config=config)
 
 

@@ -5,6 +5,8 @@
 #   infra/s3/ceph-rgw.sh install     install the Ceph packages (Debian/Ubuntu, root)
 #   infra/s3/ceph-rgw.sh start DIR   start mon + osd + radosgw; write DIR/env
 #   infra/s3/ceph-rgw.sh stop DIR    stop what `start DIR` started (idempotent)
+#   infra/s3/ceph-rgw.sh stop-rgw DIR    stop only the gateway (fault tests; idempotent)
+#   infra/s3/ceph-rgw.sh start-rgw DIR   start the gateway again, same port, same data
 #
 # Everything (config, monitor store, OSD data, logs, pid files, admin sockets)
 # lives under DIR; nothing is written to /etc/ceph or /var/lib/ceph. Ports are
@@ -14,6 +16,9 @@
 # The cluster is deliberately minimal: one monitor, one memstore OSD (data in
 # RAM, 1 GiB max), pools of size 1, no manager, no authentication. It is a test
 # fixture, not a place to keep data: every `start` begins from an empty cluster.
+# `stop-rgw` and `start-rgw` take down and bring back only radosgw, which holds no
+# data of its own: the monitor and the OSD keep running, so the objects (in the
+# OSD's RAM) survive and clients see an S3 outage of the length they choose.
 #
 # Environment knobs: CEPH_RGW_START_TIMEOUT (seconds for the whole start,
 # default 120), CEPH_RGW_STOP_GRACE (seconds between SIGTERM and SIGKILL,
@@ -34,6 +39,8 @@ usage() {
 usage: ceph-rgw.sh install
        ceph-rgw.sh start DIR
        ceph-rgw.sh stop DIR
+       ceph-rgw.sh stop-rgw DIR
+       ceph-rgw.sh start-rgw DIR
 EOF
     exit 2
 }
@@ -281,6 +288,29 @@ step() {
     ((rc == 0)) || start_failed "$what: exit status $rc"
 }
 
+# Wait until the radosgw just launched answers HTTP on port $1, within the start
+# deadline; on failure return 1 with the reason in GATEWAY_PROBLEM.
+wait_for_gateway() {
+    local i
+    # Unlike the mon and OSD, radosgw does not wait for its forked child: the
+    # pid file may appear a moment after the command returns.
+    for ((i = 0; i < 100; i++)); do
+        [[ -s $RUN/client.rgw.a.pid ]] && break
+        sleep 0.1
+    done
+    until http_answers "$1"; do
+        if ! pid_of "$RUN/client.rgw.a.pid" >/dev/null; then
+            GATEWAY_PROBLEM="radosgw is not running"
+            return 1
+        fi
+        if ((SECONDS >= DEADLINE)); then
+            GATEWAY_PROBLEM="no HTTP answer from http://127.0.0.1:$1 within ${START_TIMEOUT}s"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
 cmd_start() {
     set_paths "${1:-}"
     command -v radosgw >/dev/null 2>&1 || die "radosgw not found; run: $0 install"
@@ -334,20 +364,8 @@ cmd_start() {
         --access-key="$access_key" --secret-key="$secret_key"
 
     step "radosgw" radosgw -c "$CONF" -n client.rgw.a
-
-    # Unlike the mon and OSD, radosgw does not wait for its forked child: the
-    # pid file may appear a moment after the command returns.
-    local i
-    for ((i = 0; i < 100; i++)); do
-        [[ -s $RUN/client.rgw.a.pid ]] && break
-        sleep 0.1
-    done
     local endpoint=http://127.0.0.1:$rgw_port
-    until http_answers "$rgw_port"; do
-        pid_of "$RUN/client.rgw.a.pid" >/dev/null || start_failed "radosgw is not running"
-        ((SECONDS < DEADLINE)) || start_failed "no HTTP answer from $endpoint within ${START_TIMEOUT}s"
-        sleep 0.2
-    done
+    wait_for_gateway "$rgw_port" || start_failed "$GATEWAY_PROBLEM"
     echo "[+$((SECONDS - STARTED))s] $endpoint answers" >>"$LOGS/setup.log"
 
     cat >"$DIR/env" <<EOF
@@ -360,9 +378,43 @@ EOF
     cat "$DIR/env"
 }
 
+# ------------------------------------------------------ gateway only (faults)
+cmd_stop_rgw() {
+    set_paths "${1:-}"
+    [[ -d $DIR ]] || return 0
+    # DIR/env stays: the gateway comes back with the same endpoint and keys.
+    stop_daemon client.rgw.a
+}
+
+cmd_start_rgw() {
+    set_paths "${1:-}"
+    [[ -s $DIR/env ]] || die "no cluster started in $DIR; run: $0 start $DIR"
+    local name
+    for name in mon.a osd.0; do
+        pid_of "$RUN/$name.pid" >/dev/null || die "$name of $DIR is not running; run: $0 start $DIR"
+    done
+    if pid_of "$RUN/client.rgw.a.pid" >/dev/null; then
+        log "radosgw of $DIR is already running"
+        return 0
+    fi
+    # The port start chose, from the gateway's own config line.
+    local port
+    port=$(sed -n 's/^rgw frontends = beast endpoint=127\.0\.0\.1:\([0-9]*\)$/\1/p' "$CONF")
+    [[ -n $port ]] || die "no gateway port in $CONF"
+    STARTED=$SECONDS
+    DEADLINE=$((SECONDS + START_TIMEOUT))
+    echo "[restart] radosgw -c $CONF -n client.rgw.a" >>"$LOGS/setup.log"
+    timeout "$(time_left)" radosgw -c "$CONF" -n client.rgw.a >>"$LOGS/setup.log" 2>&1 \
+        || die "radosgw did not start; see $LOGS/client.rgw.a.log"
+    wait_for_gateway "$port" || die "$GATEWAY_PROBLEM; see $LOGS/client.rgw.a.log"
+    echo "[restart +$((SECONDS - STARTED))s] http://127.0.0.1:$port answers" >>"$LOGS/setup.log"
+}
+
 case ${1:-} in
     install) [[ $# -eq 1 ]] || usage; cmd_install ;;
     start) [[ $# -eq 2 ]] || usage; cmd_start "$2" ;;
     stop) [[ $# -eq 2 ]] || usage; cmd_stop "$2" ;;
+    stop-rgw) [[ $# -eq 2 ]] || usage; cmd_stop_rgw "$2" ;;
+    start-rgw) [[ $# -eq 2 ]] || usage; cmd_start_rgw "$2" ;;
     *) usage ;;
 esac
