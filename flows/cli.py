@@ -74,6 +74,10 @@ STAGE_DESCRIPTIONS = {
 # Shorthand flags users already rely on: each is one --set override.
 STAGE_ALIASES = {"distill": ("--teacher", "teacher.source", "teacher source (same as --set teacher.source=...)"),
                  "evaluate": ("--model", "model", "backbone folder or models:/ URI (same as --set model=...)")}
+# Switches: a flag without a value that stands for one fixed --set override.
+STAGE_SWITCHES = {"curate": ("--calibrate", "calibrate.enabled=true",
+                             "measure the dedup thresholds on this pool with planted copies and report them "
+                             "(same as --set calibrate.enabled=true; add --set calibrate.apply=true to use them)")}
 OVERRIDE_HELP = ("override one parameter of the stage's file, e.g. --set objective.optim.base_lr=0.002 "
                  "(repeatable; the value is YAML, checked like the file)")
 
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         if stage.name in STAGE_ALIASES:
             flag, _key, help_text = STAGE_ALIASES[stage.name]
             sub.add_argument(flag, dest="alias_value", default=None, help=help_text)
+        if stage.name in STAGE_SWITCHES:
+            switch, _override, switch_help = STAGE_SWITCHES[stage.name]
+            sub.add_argument(switch, dest="switch_on", action="store_true", help=switch_help)
         sub.set_defaults(stage=stage.name)
     promote = command(
         "promote", "evaluate champion and challenger of a registered model; move 'champion' by policy",
@@ -155,12 +162,16 @@ def _is_main_rank() -> bool:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` items, then the stage's shorthand flag (``--teacher`` / ``--model``) as one more."""
+    """``--set`` items, then the stage's shorthand flag (``--teacher`` / ``--model``) and switch
+    (``--calibrate``) as more: a switch wins over a ``--set`` of the same key."""
     from flows.common import with_alias
 
-    alias = STAGE_ALIASES.get(getattr(args, "stage", ""), (None, None, None))[1]
-    return with_alias(list(args.overrides), alias, getattr(args, "alias_value", None)) if alias \
+    stage = getattr(args, "stage", "")
+    alias = STAGE_ALIASES.get(stage, (None, None, None))[1]
+    overrides = with_alias(list(args.overrides), alias, getattr(args, "alias_value", None)) if alias \
         else list(args.overrides)
+    switched = [STAGE_SWITCHES[stage][1]] if getattr(args, "switch_on", False) else []
+    return overrides + switched
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:

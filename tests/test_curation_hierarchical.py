@@ -1,11 +1,14 @@
 """Hierarchical k-means with resampling and balanced sampling (Vo et al. 2024): a consistent tree over known
-nested blobs, water-filling budgets against a brute-force reference, and balanced vs uniform sampling on a
-mixture where one concept is 50x larger than the others.
+nested blobs, resampling against a plain numpy loop, resampling with fresh k-means++ starts moving
+centroids off a dense mode (and warm starts not), the official per-level sample sizes, water-filling
+budgets against a brute-force reference, and balanced vs uniform sampling on a mixture where one concept
+is 50x larger than the others.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -15,9 +18,14 @@ from components.curation.hierarchical import (
     HierarchicalClustering,
     HierarchicalKMeansConfig,
     balanced_sample,
+    closest_per_cluster,
     fair_split,
     hierarchical_kmeans,
+    nearest_centroids,
+    resampled_kmeans,
+    step_seed,
 )
+from components.curation.kmeans import kmeans_on_array, kmeans_plus_plus
 from components.curation.knn_graph import InMemoryVectors
 
 
@@ -41,7 +49,7 @@ def source_of(x: np.ndarray, shard_size: int = 100) -> InMemoryVectors:
 
 def test_two_levels_form_a_consistent_tree_over_nested_blobs() -> None:
     x, groups = nested_blobs(groups=4, per_group=5, size=40, dim=16, seed=0)
-    cfg = HierarchicalKMeansConfig(levels=[20, 4], n_iter=20, resampling_steps=2, resample_per_cluster=10, seed=1)
+    cfg = HierarchicalKMeansConfig(levels=[20, 4], n_iter=20, resampling_steps=2, resample_per_cluster=[10, 3], seed=1)
     tree = hierarchical_kmeans(source_of(x), cfg)
     assert tree.ids == [f"p{i}" for i in range(x.shape[0])]
     assert tree.assignments[0].shape == (800,) and tree.assignments[1].shape == (20,)
@@ -52,9 +60,16 @@ def test_two_levels_form_a_consistent_tree_over_nested_blobs() -> None:
     for top in range(4):  # a top cluster's size is the sum of its children's
         assert tree.cluster_sizes(1)[top] == tree.cluster_sizes(0)[tree.assignments[1] == top].sum()
     assert adjusted_rand_score(groups, tree.point_clusters(1)) == 1.0  # the four concepts, recovered
-    assert tree.point_similarity is not None
-    np.testing.assert_allclose(tree.point_similarity,
-                               np.einsum("nd,nd->n", x, tree.centroids[0][tree.assignments[0]]), atol=1e-5)
+    assert tree.point_similarity is not None  # official distance: minus the squared L2 distance
+    squared = ((x[:, None, :] - tree.centroids[0][None]) ** 2).sum(-1)  # (N, K_0)
+    np.testing.assert_array_equal(tree.assignments[0], squared.argmin(axis=1))
+    np.testing.assert_allclose(tree.point_similarity, -squared.min(axis=1), atol=1e-5)
+    cosine = hierarchical_kmeans(source_of(x), HierarchicalKMeansConfig(levels=[20, 4], distance="cosine", seed=1))
+    np.testing.assert_allclose(np.linalg.norm(cosine.centroids[0], axis=1), 1.0, atol=1e-5)
+    assert cosine.point_similarity is not None
+    np.testing.assert_allclose(cosine.point_similarity,
+                               np.einsum("nd,nd->n", x, cosine.centroids[0][cosine.assignments[0]]), atol=1e-5)
+    assert adjusted_rand_score(groups, cosine.point_clusters(1)) == 1.0
 
 
 def test_same_seed_same_tree() -> None:
@@ -63,6 +78,95 @@ def test_same_seed_same_tree() -> None:
     first, second = hierarchical_kmeans(source_of(x), cfg), hierarchical_kmeans(source_of(x, 7), cfg)
     for a, b in zip(first.assignments + first.centroids, second.assignments + second.centroids, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def reference_resampled_kmeans(points: np.ndarray, n_clusters: int, n_iter: int, steps: int, per_cluster: int,
+                                seed: int) -> np.ndarray:
+    """The resampling loop written out plainly in float64 (Lloyd by hand, per-cluster sorts in Python).
+
+    Only the k-means++ pick is shared with the code under test (it has its own reference test).
+    """
+    x = points.astype(np.float64)
+
+    def lloyd(data: np.ndarray, step: int) -> np.ndarray:
+        centroids = data[kmeans_plus_plus(data, n_clusters, seed=step_seed(seed, step))]
+        for _ in range(n_iter):
+            labels = ((data[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(axis=1)
+            centroids = np.stack([data[labels == j].mean(axis=0) for j in range(n_clusters)])
+        return centroids
+
+    centroids = lloyd(x, 0)
+    for step in range(1, steps + 1):
+        squared = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)  # (m, K)
+        labels = squared.argmin(axis=1)
+        chosen = []
+        for j in range(n_clusters):
+            members = np.flatnonzero(labels == j)
+            chosen += sorted(members, key=lambda i: squared[i, j])[:per_cluster]
+        centroids = lloyd(x[np.sort(chosen)], step)
+    return centroids
+
+
+def test_resampled_kmeans_matches_a_plain_reference_loop() -> None:
+    # Unstructured points and few Lloyd iterations: the result depends on every start, so a warm start
+    # or a different resampled set would show.
+    points = np.random.default_rng(4).uniform(-1, 1, size=(90, 2)).astype(np.float32)
+    cfg = HierarchicalKMeansConfig(levels=[5], n_iter=4, resampling_steps=3, seed=7)
+    got = resampled_kmeans(points, 5, cfg, per_cluster=6, seed=7)
+    np.testing.assert_allclose(got, reference_resampled_kmeans(points, 5, 4, 3, 6, seed=7), atol=1e-5)
+    plain = reference_resampled_kmeans(points, 5, 4, 0, 6, seed=7)
+    assert np.abs(got - plain).max() > 1e-2  # the steps moved the centroids
+    # One point per cluster skips resampling, as the official code does (sample_size > 1 only).
+    np.testing.assert_allclose(resampled_kmeans(points, 5, cfg, per_cluster=1, seed=7), plain, atol=1e-5)
+
+
+def dense_mode_mixture(seed: int) -> np.ndarray:
+    """(4000, 2): 3000 points in a tight Gaussian at the origin, 1000 spread uniformly over [-5, 5]^2."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([0.3 * rng.standard_normal((3000, 2)),
+                           rng.uniform(-5, 5, size=(1000, 2))]).astype(np.float32)
+
+
+def in_dense_mode(centroids: np.ndarray) -> int:
+    return int((np.linalg.norm(centroids, axis=1) < 1.0).sum())
+
+
+def test_resampling_with_fresh_starts_moves_centroids_off_a_dense_mode() -> None:
+    x = dense_mode_mixture(0)
+    n_clusters = 30  # uniform over the support would put about 30 * pi / 100 < 1 centroid in the unit disc
+    cfg = HierarchicalKMeansConfig(levels=[n_clusters], seed=0)  # official: 10 steps, r = ceil(m / 2K)
+    per_cluster = cfg.per_cluster(0, x.shape[0])
+    assert per_cluster == 67
+    plain = resampled_kmeans(x, n_clusters, HierarchicalKMeansConfig(levels=[n_clusters], resampling_steps=0),
+                             per_cluster, seed=0)
+    resampled = resampled_kmeans(x, n_clusters, cfg, per_cluster, seed=0)
+    warm = plain  # the same steps, each k-means started from the current centroids instead
+    for _ in range(cfg.resampling_steps):
+        labels, closeness = nearest_centroids(x, warm, spherical=False, use_gpu=False)
+        warm = kmeans_on_array(x[closest_per_cluster(labels, closeness, per_cluster)], n_clusters,
+                               n_iter=cfg.n_iter, seed=0, spherical=False, init=warm)
+    assert in_dense_mode(plain) >= 5, in_dense_mode(plain)  # plain k-means follows the density
+    assert in_dense_mode(resampled) <= 2, in_dense_mode(resampled)
+    assert in_dense_mode(warm) >= in_dense_mode(plain) - 1, in_dense_mode(warm)  # warm starts stay put
+
+
+@pytest.mark.parametrize(("levels", "points", "official"), [
+    ([5000, 1000], [None, 5000], [None, 3]),  # configs/2levels_random_embeddings.yaml: sample_size [10, 3]
+    ([500_000, 50_000, 10_000], [10_000_000, 500_000, 50_000], [10, 5, 3]),  # 4levels_web_based_images.yaml
+])
+def test_default_sample_size_is_half_the_mean_cluster_size_as_in_the_official_configs(
+        levels: list[int], points: list[int | None], official: list[int | None]) -> None:
+    cfg = HierarchicalKMeansConfig(levels=levels)
+    for level, (n_points, expected) in enumerate(zip(points, official, strict=True)):
+        if n_points is not None:
+            assert cfg.per_cluster(level, n_points) == expected
+    given = HierarchicalKMeansConfig(levels=levels, resample_per_cluster=7)
+    assert given.per_cluster(len(levels) - 1, 1) == 7
+    assert HierarchicalKMeansConfig(levels=[100, 10]).per_cluster(0, 999) == math.ceil(999 / 200)
+    for automatic in ([], [0, 0]):  # what the curate stage passes when balance.resample_per_cluster is []
+        cfg = HierarchicalKMeansConfig(levels=[100, 10], resample_per_cluster=automatic)
+        cfg.validate()
+        assert (cfg.per_cluster(0, 2000), cfg.per_cluster(1, 100)) == (10, 5)
 
 
 def brute_force_fair(budget: int, sizes: list[int]) -> tuple[int, int]:
@@ -146,3 +250,9 @@ def test_balanced_sample_size_limits_and_closest_strategy(
 def test_invalid_levels_are_refused(levels: list[int]) -> None:
     with pytest.raises(ValueError):
         HierarchicalKMeansConfig(levels=levels).validate()
+
+
+@pytest.mark.parametrize("per_cluster", [[10], [10, 3, 2], -1, [5, -1]])
+def test_invalid_resample_sizes_are_refused(per_cluster: int | list[int]) -> None:
+    with pytest.raises(ValueError, match="resample_per_cluster"):
+        HierarchicalKMeansConfig(levels=[20, 4], resample_per_cluster=per_cluster).validate()

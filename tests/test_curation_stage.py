@@ -51,7 +51,7 @@ def test_curate_stage_writes_outputs_and_one_mlflow_run(tmp_path: Path) -> None:
     assert manifest.height == 20 and stats["steps"]["manifest"] == 20
     assert stats["reconciled"] and stats["steps"]["listed"] == manifest.height + rejects.height
     assert stats["demo"]["dup_recall_exact"] == 1.0 and stats["demo"]["manifest_fashion_share"] >= 0.9
-    assert set(outputs.pictures) == {"duplicates", "clusters"}
+    assert set(outputs.pictures) == {"duplicates", "clusters", "calibration"}  # the demo params calibrate
     with Image.open(outputs.pictures["clusters"]) as picture:
         assert picture.height == 2 * 68 + 4  # two top-level clusters, one row each
     assert "Reconciled" in outputs.report_path.read_text()
@@ -67,7 +67,8 @@ def test_curate_stage_writes_outputs_and_one_mlflow_run(tmp_path: Path) -> None:
     assert run.data.metrics["rejected.exact_duplicate"] == 4.0
     assert run.data.metrics["demo.dup_precision_near"] == pytest.approx(stats["demo"]["dup_precision_near"])
     artifacts = {a.path for a in client.list_artifacts(outputs.run_id, "curate")}
-    assert artifacts == {"curate/curate.json", "curate/report.md", "curate/duplicates.png", "curate/clusters.png"}
+    assert artifacts == {"curate/curate.json", "curate/report.md", "curate/duplicates.png", "curate/clusters.png",
+                         "curate/calibration.png"}
     inputs = run.inputs.dataset_inputs
     assert len(inputs) == 1 and inputs[0].dataset.name == "curated-manifest"
     assert run.data.tags["dinoflow.data.curated-manifest.rows"] == "20"

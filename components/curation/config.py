@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.config.loader import load_config
+from components.curation.calibrate import CalibrateConfig
 from components.curation.embed import EmbedConfig
 from components.curation.ingest import DEFAULT_EXTENSIONS, PIL_DEFAULT_MAX_PIXELS, IngestConfig
 from components.curation.knn_graph import IndexKind
@@ -86,17 +87,23 @@ class BalanceSection:
     levels: list[int] = field(default_factory=list)  # clusters per level, bottom first, e.g. [1000, 100]
     target_size: int = 0  # images to sample; 0 = keep all rows (clusters still computed for the pictures)
     strategy: str = "random"  # random | closest
-    n_iter: int = 20
-    resampling_steps: int = 10
-    resample_per_cluster: int = 10
+    # k-means defaults of the official ssl-data-curation code (see HierarchicalKMeansConfig):
+    n_iter: int = 50  # configs/*.yaml n_iters: 50
+    resampling_steps: int = 10  # n_resamples=10 (src/hierarchical_kmeans_gpu.py), n_resampling_steps 10 per level
+    # Points per cluster per resampling step, one per level (bottom first); empty: ceil(mean cluster size / 2)
+    # at every level, the configs' rule ("roughly half the average cluster size"), e.g. their [10, 5, 3].
+    resample_per_cluster: list[int] = field(default_factory=list)
     max_train_rows: int = 0  # k-means trains on a seeded sample of this many rows (0: all, in RAM); all are assigned
     seed: int = 0
 
     def validate(self) -> None:
-        if self.max_train_rows < 0:
-            raise ValueError("balance.max_train_rows must be >= 0")
+        if self.max_train_rows < 0 or self.resampling_steps < 0:
+            raise ValueError("balance.max_train_rows and balance.resampling_steps must be >= 0")
         if any(k < 1 for k in self.levels) or self.target_size < 0 or self.n_iter < 1:
             raise ValueError("balance: levels must be >= 1, target_size >= 0, n_iter >= 1")
+        if self.resample_per_cluster and (len(self.resample_per_cluster) != len(self.levels)
+                                          or min(self.resample_per_cluster) < 0):
+            raise ValueError("balance.resample_per_cluster: one size >= 0 per level, or [] for half the mean size")
         if self.strategy not in ("random", "closest"):
             raise ValueError(f"balance.strategy must be random or closest, got {self.strategy!r}")
 
@@ -153,6 +160,7 @@ class DemoPoolConfig:
 class CurateConfig:
     ingest: PoolSection = field(default_factory=PoolSection)  # ingest.pool is set by the demo when enabled
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)  # thresholds measured on this pool
     near_dedup: DedupConfig = field(default_factory=DedupConfig)
     eval_dedup: EvalDedupConfig = field(default_factory=EvalDedupConfig)
     retrieval: RetrievalSection = field(default_factory=RetrievalSection)
@@ -163,8 +171,8 @@ class CurateConfig:
     def validate(self) -> None:
         if not self.demo.enabled and not self.ingest.pool:
             raise ValueError("ingest.pool must name a folder or s3:// prefix (or enable the demo)")
-        for section in (self.embed, self.near_dedup, self.eval_dedup, self.retrieval, self.balance, self.outputs,
-                        self.demo):
+        for section in (self.embed, self.calibrate, self.near_dedup, self.eval_dedup, self.retrieval, self.balance,
+                        self.outputs, self.demo):
             section.validate()
 
 

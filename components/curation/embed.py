@@ -14,6 +14,7 @@ import io
 import json
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from components.curation import reasons
-from components.curation.descriptor import PixelDescriptor, is_pixel_backbone, parse_pixel_backbone
+from components.curation.descriptor import is_pixel_backbone, parse_pixel_backbone
 from components.curation.schema import REJECTED_SCHEMA
 from components.models import DinoVisionTransformer
 from components.models.export import IMAGENET_MEAN, IMAGENET_STD
@@ -203,16 +204,60 @@ def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequen
     return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)  # (3, S, S)
 
 
-def decode_one(uri: str, cfg: EmbedConfig, descriptor: PixelDescriptor | None = None,
-               read: Callable[[str], bytes] = read_uri) -> np.ndarray | str:
-    """The preprocessed image (or, with ``descriptor``, its finished descriptor vector), or an error
+@dataclass(frozen=True)
+class Embedder:
+    """How one ``EmbedConfig`` turns images into unit vectors: ``prepare`` runs per image (in the decode
+    threads), ``finish`` per batch of stacked prepared images (the model's forward pass, or nothing)."""
+
+    dim: int
+    prepare: Callable[[Image.Image], np.ndarray]  # one image -> (3, S, S) pixels, or an already final (D,) vector
+    finish: Callable[[np.ndarray], np.ndarray]  # (b, ...) stacked prepared images -> (b, D) unit rows
+
+
+def load_embedder(cfg: EmbedConfig) -> Embedder:
+    """The one place that decides how ``cfg.backbone`` describes an image (embed step, calibration, benchmarks)."""
+    if is_pixel_backbone(cfg.backbone):
+        descriptor = parse_pixel_backbone(cfg.backbone)  # finished in the decode threads: no model to batch for
+        return Embedder(dim=descriptor.dim, prepare=descriptor.describe, finish=lambda vectors: vectors)
+    model = load_embedding_model(cfg)
+    return Embedder(dim=int(model.embed_dim),
+                    prepare=lambda image: preprocess(image, cfg.image_size, cfg.mean, cfg.std),
+                    finish=lambda pixels: embed_batch(model, pixels, cfg.device))
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads at ``count`` (0: left alone), restored after: a library call leaves it unchanged."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def describe_images(images: Sequence[Image.Image], cfg: EmbedConfig, embedder: Embedder | None = None) -> np.ndarray:
+    """Unit rows (n, D) for in-memory images, exactly as ``embed_images`` would embed them from files.
+
+    Pass ``embedder`` (``load_embedder(cfg)``) when calling repeatedly, so the model is loaded once."""
+    cfg.validate()
+    model = embedder or load_embedder(cfg)
+    parts = [np.zeros((0, model.dim), dtype=np.float32)]
+    with torch_threads(cfg.num_threads):
+        for start in range(0, len(images), cfg.batch_size):
+            stacked = np.stack([model.prepare(image) for image in images[start:start + cfg.batch_size]])  # (b, ...)
+            parts.append(np.asarray(model.finish(stacked), dtype=np.float32))  # (b, D)
+    return np.concatenate(parts)  # (n, D)
+
+
+def decode_one(uri: str, embedder: Embedder, read: Callable[[str], bytes] = read_uri) -> np.ndarray | str:
+    """The image prepared by ``embedder`` (pixels, or a finished descriptor vector), or an error
     message: one bad file must never stop the run. ``read`` fetches ``uri`` (a store key resolves
     through ``StoreLocator.read``)."""
     try:
         with Image.open(io.BytesIO(read(uri))) as image:
-            if descriptor is not None:  # computed here, in the decode threads: there is no model to batch for
-                return descriptor.describe(image)
-            return preprocess(image, cfg.image_size, cfg.mean, cfg.std)
+            return embedder.prepare(image)
     except Exception as exc:  # stores and decoders raise many types; each one becomes a rejection
         return f"{type(exc).__name__}: {exc}"
 
@@ -252,28 +297,19 @@ def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path,
     cfg.validate()
     if "id" not in rows.columns or "uri" not in rows.columns:
         raise ValueError(f"rows need columns id and uri, got {rows.columns}")
-    descriptor = parse_pixel_backbone(cfg.backbone) if is_pixel_backbone(cfg.backbone) else None
-    model = None if descriptor is not None else load_embedding_model(cfg)
+    embedder = load_embedder(cfg)
     writer = ShardWriter(out_dir, cfg.shard_size)
     failed: list[pl.DataFrame] = [embed_failed_frame(rows.clear(), [])]
-    previous_threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)  # restored below: a library call must not leave it changed
-    try:
-        with ThreadPoolExecutor(max_workers=cfg.decode_workers) as executor:
-            for batch_rows in batched_frames(rows, cfg.batch_size):
-                decoded = list(executor.map(lambda uri: decode_one(uri, cfg, descriptor, read),
-                                            batch_rows["uri"].to_list()))
-                good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-                bad = [i for i, d in enumerate(decoded) if isinstance(d, str)]
-                if good:
-                    stacked = np.stack([decoded[i] for i in good])  # (b, 3, S, S), or (b, D) descriptors
-                    vectors = stacked if model is None else embed_batch(model, stacked, cfg.device)  # (b, D)
-                    writer.add(batch_rows["id"][good].to_list(), vectors)
-                if bad:
-                    failed.append(embed_failed_frame(batch_rows[bad], [str(decoded[i]) for i in bad]))
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(cfg.num_threads), ThreadPoolExecutor(max_workers=cfg.decode_workers) as executor:
+        for batch_rows in batched_frames(rows, cfg.batch_size):
+            decoded = list(executor.map(lambda uri: decode_one(uri, embedder, read), batch_rows["uri"].to_list()))
+            good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+            bad = [i for i, d in enumerate(decoded) if isinstance(d, str)]
+            if good:
+                stacked = np.stack([decoded[i] for i in good])  # (b, 3, S, S), or (b, D) descriptors
+                writer.add(batch_rows["id"][good].to_list(), embedder.finish(stacked))  # (b, D)
+            if bad:
+                failed.append(embed_failed_frame(batch_rows[bad], [str(decoded[i]) for i in bad]))
     rejected = pl.concat(failed)
     embedded = writer.num_rows
     if embedded + rejected.height != rows.height:
@@ -281,8 +317,7 @@ def embed_images(rows: pl.DataFrame, cfg: EmbedConfig, out_dir: str | Path,
     metadata = {"backbone": cfg.backbone if backbone_name is None else backbone_name,
                 "image_size": cfg.image_size, "mean": list(cfg.mean),
                 "std": list(cfg.std), "rows_in": rows.height, "embed_failed": rejected.height}
-    dim = descriptor.dim if descriptor is not None else int(model.embed_dim)  # type: ignore[union-attr]
-    return writer.close(rejected=rejected, metadata=metadata, dim=dim)
+    return writer.close(rejected=rejected, metadata=metadata, dim=embedder.dim)
 
 
 def batched_frames(rows: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
@@ -290,4 +325,5 @@ def batched_frames(rows: pl.DataFrame, size: int) -> Iterator[pl.DataFrame]:
         yield rows.slice(start, size)
 
 
-__all__ = ["EmbedConfig", "EmbeddingShards", "ShardInfo", "ShardWriter", "embed_images", "write_vectors"]
+__all__ = ["EmbedConfig", "Embedder", "EmbeddingShards", "ShardInfo", "ShardWriter", "describe_images", "embed_images",
+           "load_embedder", "write_vectors"]

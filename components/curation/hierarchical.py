@@ -3,10 +3,17 @@
 Level 0 clusters the points (a bounded seeded sample for training, every row assigned by streaming);
 level l > 0 clusters the centroids of level l - 1, so the top level groups "concepts" and the bottom
 level near-duplicates of one concept. Plain k-means on web data puts many centroids in the dense
-modes; Vo et al.'s resampling-clustering step counters that: draw the ``resample_per_cluster``
-points closest to each centroid (a set with the same number of points per cluster), re-run k-means
-on that set starting from the current centroids, and repeat. Centroids then spread more uniformly
-over the support of the data instead of following its density.
+modes; Vo et al.'s resampling-clustering step counters that: take the ``r`` points closest to each
+centroid (a set with about the same number of points per cluster), run k-means on that set afresh
+from a new k-means++ initialisation, assign every point of the level to the new centroids, and
+repeat. Centroids then spread more uniformly over the support of the data instead of following its
+density. Starting each run from the previous centroids instead would keep them where they were: the
+resampled set is made of clumps around exactly those centroids.
+
+The defaults follow the official implementation (facebookresearch/ssl-data-curation):
+squared-L2 k-means with 50 Lloyd iterations, a greedy k-means++ start (2 + ln K candidates per centre)
+for every run, 10 resampling steps per level, ``r`` about half the mean cluster size of the level, and
+the level's points assigned to the last step's centroids at the end.
 
 ``balanced_sample`` walks the tree top-down and splits the budget as evenly as possible between the
 children of each node (water-filling: a child smaller than its share gives all its points and the
@@ -16,6 +23,7 @@ large it was in the raw pool.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,27 +33,50 @@ from components.curation.kmeans import assign_array, assign_clusters, flat_index
 from components.curation.knn_graph import VectorSource
 
 SampleStrategy = Literal["random", "closest"]
+Distance = Literal["l2", "cosine"]
 
 
 @dataclass
 class HierarchicalKMeansConfig:
-    levels: list[int]  # clusters per level, bottom first, e.g. [1000, 100] (Vo et al.)
-    n_iter: int = 20
-    resampling_steps: int = 10  # Vo et al. resampling-clustering steps per level (0: plain k-means)
-    resample_per_cluster: int = 10  # points drawn per cluster (closest to the centroid) for each resampling step
+    """Defaults are the official ssl-data-curation ones (src/hierarchical_kmeans_gpu.py, configs/*.yaml)."""
+
+    levels: list[int]  # clusters per level, bottom first, e.g. [1000, 100]
+    n_iter: int = 50  # official: n_iters 50 in both configs and in every kmeans() call
+    resampling_steps: int = 10  # official: n_resamples=10; n_resampling_steps 10 per level in the configs
+    # Points taken per cluster at each resampling step: one int for every level or one per level (bottom
+    # first). 0 (or []): ceil(mean cluster size / 2) of that level, the rule the official configs state
+    # ("roughly half the average cluster size in each level") and that gives their values (10, 5, 3).
+    # Below 2 the level skips resampling, as the official code does (it resamples only if sample_size > 1).
+    resample_per_cluster: int | list[int] = 0
+    distance: Distance = "l2"  # official: dist="l2" (plain means); "cosine": spherical k-means on unit vectors
+    init_trials: int = 0  # greedy k-means++ candidates per centre; 0: 2 + int(ln K) (official, from scikit-learn)
     seed: int = 0
     max_train_rows: int = 0  # 0: level 0 trains on all rows; else a seeded uniform sample of this many
     use_gpu: bool | None = None
-    n_redo: int = 1  # seeded k-means restarts per run, lowest objective kept (a bad random init can merge concepts)
+    n_redo: int = 1  # official num_init=1; more: seeded k-means restarts per run, the lowest cost kept
 
     def validate(self) -> None:
         if not self.levels or min(self.levels) < 1:
             raise ValueError("levels needs at least one level, each with >= 1 clusters")
         if any(upper > lower for lower, upper in zip(self.levels, self.levels[1:], strict=False)):
             raise ValueError(f"levels go bottom first and cannot grow upwards: {self.levels}")
-        if min(self.n_iter, self.n_redo, self.resample_per_cluster) < 1 or min(self.resampling_steps,
-                                                                                  self.max_train_rows) < 0:
-            raise ValueError("n_iter, n_redo, resample_per_cluster >= 1; resampling_steps, max_train_rows >= 0")
+        if min(self.n_iter, self.n_redo) < 1 or min(self.resampling_steps, self.max_train_rows, self.init_trials) < 0:
+            raise ValueError("n_iter, n_redo >= 1; resampling_steps, max_train_rows, init_trials >= 0")
+        per_level = self.resample_per_cluster
+        if isinstance(per_level, list) and per_level and len(per_level) != len(self.levels):
+            raise ValueError(f"resample_per_cluster has {len(per_level)} entries for {len(self.levels)} levels")
+        if min(per_level if isinstance(per_level, list) else [per_level], default=0) < 0:
+            raise ValueError("resample_per_cluster must be >= 0 (0: half the mean cluster size)")
+
+    @property
+    def spherical(self) -> bool:
+        return self.distance == "cosine"
+
+    def per_cluster(self, level: int, n_points: int) -> int:
+        """Points taken per cluster when resampling ``level``, which clusters ``n_points`` points."""
+        given = self.resample_per_cluster
+        r = (given[level] if given else 0) if isinstance(given, list) else given
+        return r if r > 0 else math.ceil(n_points / (2 * self.levels[level]))
 
 
 @dataclass(frozen=True)
@@ -53,7 +84,9 @@ class HierarchicalClustering:
     ids: list[str]  # row order of the source
     assignments: list[np.ndarray]  # level 0: cluster of each point (N,); level l > 0: parent of each (l-1) cluster
     centroids: list[np.ndarray]  # per level (K_l, D) float32
-    point_similarity: np.ndarray | None = None  # (N,) cosine of each point to its level-0 centroid
+    # (N,) closeness of each point to its level-0 centroid, higher is closer: minus the squared L2
+    # distance (distance "l2") or the cosine (distance "cosine").
+    point_similarity: np.ndarray | None = None
 
     def point_clusters(self, level: int) -> np.ndarray:
         """(N,) cluster of every point at ``level`` (level-0 labels pushed up through the parents)."""
@@ -76,19 +109,42 @@ def closest_per_cluster(labels: np.ndarray, similarity: np.ndarray, per_cluster:
     return np.sort(order[rank < per_cluster])
 
 
-def resampled_kmeans(points: np.ndarray, n_clusters: int, cfg: HierarchicalKMeansConfig, seed: int) -> np.ndarray:
-    """Spherical k-means of ``points`` (m, D) followed by ``cfg.resampling_steps`` resampling-clustering steps."""
-    centroids = kmeans_on_array(points, n_clusters, n_iter=cfg.n_iter, seed=seed, spherical=True,
-                                use_gpu=cfg.use_gpu, n_redo=cfg.n_redo)  # (K, D)
-    for step in range(cfg.resampling_steps):
-        index, _keep_alive = flat_index(points.shape[1], True, cfg.use_gpu)
-        index.add(centroids)
-        labels, similarity = assign_array(points, index, batch=65_536)  # (m,) each
-        chosen = closest_per_cluster(labels, similarity, cfg.resample_per_cluster)  # about r per cluster
-        if chosen.shape[0] < n_clusters:  # fewer points than clusters: nothing left to rebalance
+def nearest_centroids(points: np.ndarray, centroids: np.ndarray, spherical: bool,
+                      use_gpu: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (m,), closeness (m,)): nearest centroid of each point, closeness higher is closer."""
+    index, _keep_alive = flat_index(points.shape[1], spherical, use_gpu)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels, scores = assign_array(points, index, batch=65_536)  # scores: cosine, or squared L2 distance
+    return labels, scores if spherical else -scores
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the k-means++ start of resampling step ``step`` (0: the first, plain k-means run)."""
+    return seed + step
+
+
+def resampled_kmeans(points: np.ndarray, n_clusters: int, cfg: HierarchicalKMeansConfig, per_cluster: int,
+                     seed: int) -> np.ndarray:
+    """Centroids (K, D) of k-means on ``points`` (m, D) then ``cfg.resampling_steps`` resampling steps.
+
+    Every run, the first and each resampling one, starts from its own seeded k-means++ pick, as in the
+    official code. A step takes the ``per_cluster`` points closest to each current centroid (clusters
+    from assigning all ``points``), runs k-means on them, and the new centroids replace the old ones.
+    """
+    def kmeans(x: np.ndarray, step: int) -> np.ndarray:
+        return kmeans_on_array(x, n_clusters, n_iter=cfg.n_iter, seed=step_seed(seed, step), spherical=cfg.spherical,
+                               init="k-means++", use_gpu=cfg.use_gpu, n_redo=cfg.n_redo,
+                               n_local_trials=cfg.init_trials)
+
+    centroids = kmeans(points, 0)  # (K, D)
+    if per_cluster < 2:  # one point per cluster is just the K centroid-nearest points: nothing to re-spread
+        return centroids
+    for step in range(1, cfg.resampling_steps + 1):
+        labels, closeness = nearest_centroids(points, centroids, cfg.spherical, cfg.use_gpu)  # (m,) each
+        chosen = closest_per_cluster(labels, closeness, per_cluster)  # about per_cluster from each cluster
+        if chosen.shape[0] < n_clusters:  # clusters emptied out: too few points left to make K clusters
             break
-        centroids = kmeans_on_array(points[chosen], n_clusters, n_iter=cfg.n_iter, seed=seed + step + 1,
-                                    spherical=True, init=centroids, use_gpu=cfg.use_gpu)
+        centroids = kmeans(points[chosen], step)
     return centroids
 
 
@@ -98,20 +154,20 @@ def hierarchical_kmeans(source: VectorSource, cfg: HierarchicalKMeansConfig) -> 
     if source.num_rows < cfg.levels[0]:
         raise ValueError(f"{source.num_rows} rows cannot make {cfg.levels[0]} clusters")
     sample = sample_rows(source, cfg.max_train_rows, cfg.seed)  # (m, D)
-    centroids = [resampled_kmeans(sample, cfg.levels[0], cfg, cfg.seed)]
+    per_cluster = cfg.per_cluster(0, sample.shape[0])
+    centroids = [resampled_kmeans(sample, cfg.levels[0], cfg, per_cluster, cfg.seed)]
     del sample
-    labels, similarity = assign_clusters(source, centroids[0], spherical=True, use_gpu=cfg.use_gpu)  # (N,) each
+    labels, scores = assign_clusters(source, centroids[0], spherical=cfg.spherical, use_gpu=cfg.use_gpu)  # (N,)
     assignments = [labels]
     for level, n_clusters in enumerate(cfg.levels[1:], start=1):
         below = centroids[-1]  # (K_{l-1}, D): the points of this level
-        upper = resampled_kmeans(below, n_clusters, cfg, cfg.seed + 1000 * level)  # (K_l, D)
-        index, _keep_alive = flat_index(below.shape[1], True, cfg.use_gpu)
-        index.add(upper)
-        parents, _ = assign_array(below, index, batch=65_536)  # (K_{l-1},)
+        per_cluster = cfg.per_cluster(level, below.shape[0])
+        upper = resampled_kmeans(below, n_clusters, cfg, per_cluster, cfg.seed + 1000 * level)  # (K_l, D)
+        parents, _ = nearest_centroids(below, upper, cfg.spherical, cfg.use_gpu)  # (K_{l-1},)
         assignments.append(parents)
         centroids.append(upper)
     return HierarchicalClustering(ids=source.ids(), assignments=assignments, centroids=centroids,
-                                  point_similarity=similarity)
+                                  point_similarity=scores if cfg.spherical else -scores)
 
 
 def fair_split(budget: int, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -8,17 +8,25 @@ Faiss silently subsamples to ``max_points_per_centroid`` (256 by default) points
 training; here that is always set explicitly (0 means "every training point"), so the sample size is
 decided in one visible place. ``spherical`` k-means (unit vectors, centroids renormalised after each
 update, assignment by inner product) is cosine k-means, the variant used on DINOv2 embeddings.
+
+Faiss starts Lloyd's iterations from K points picked uniformly at random. ``init="k-means++"`` starts
+them from a seeded greedy k-means++ pick instead (Arthur & Vassilvitskii 2007, with scikit-learn's
+greedy refinement), the initialisation the official ssl-data-curation code (Vo et al. 2024) uses for
+every k-means run; its spread-out start matters there because hierarchical k-means re-runs k-means on
+small, evenly spread resampled sets.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 
 from components.curation.knn_graph import VectorSource, gpu_count
+
+InitMethod = Literal["random", "k-means++"]
 
 
 @dataclass
@@ -73,17 +81,61 @@ def sample_rows(source: VectorSource, max_rows: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts))  # (m, D)
 
 
-def kmeans_on_array(points: np.ndarray, n_clusters: int, *, n_iter: int, seed: int, spherical: bool,
-                    max_points_per_centroid: int = 0, init: np.ndarray | None = None,
-                    use_gpu: bool | None = None, n_redo: int = 1) -> np.ndarray:
-    """Lloyd's k-means of in-memory ``points`` (m, D) -> centroids (K, D) float32.
+def default_local_trials(n_clusters: int) -> int:
+    """Greedy k-means++ candidates per centroid: 2 + int(ln K), scikit-learn's and the official code's default."""
+    return 2 + int(np.log(n_clusters))
 
-    ``init`` (K, D) starts from given centroids instead of faiss's seeded random pick of K points.
+
+def squared_distances(x: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(C, m) float64 squared L2 distances of the rows of ``x`` (m, D) to ``centres`` (C, D).
+
+    The products run in float32 (the memory-bound part); sums in float64 so the cumulative sums over
+    a million points stay exact enough to sample from. Rounding can make a distance slightly negative.
+    """
+    products = (x @ centres.T).T.astype(np.float64)  # (C, m); x @ c.T is the faster BLAS layout for thin c
+    centre_norms = np.einsum("cd,cd->c", centres, centres, dtype=np.float64)  # (C,)
+    return np.maximum(sq_norms[None, :] + centre_norms[:, None] - 2.0 * products, 0.0)
+
+
+def kmeans_plus_plus(points: np.ndarray, n_clusters: int, seed: int, n_local_trials: int = 0) -> np.ndarray:
+    """Row indices (K,) int64 of a seeded greedy k-means++ pick of ``n_clusters`` of ``points`` (m, D).
+
+    The first centre is a uniform pick; each next one is the best of ``n_local_trials`` candidates
+    (0: ``default_local_trials``) drawn with probability proportional to the squared L2 distance to the
+    nearest centre so far (D^2 sampling), "best" meaning the lowest k-means potential once added. One
+    trial is plain k-means++. Only distances to the new candidates are computed at each step; the
+    running minimum (m,) carries the rest, so the cost is K x trials x m x D and the memory trials x m.
+    On unit vectors squared L2 is 2 - 2 cos, the official code's cosine variant, so this serves both.
+    Random draws, in order: ``integers(m)`` once, then ``random(trials)`` per further centre.
     """
     x = np.ascontiguousarray(points, dtype=np.float32)  # (m, D)
+    m = x.shape[0]
+    if not 1 <= n_clusters <= m:
+        raise ValueError(f"cannot pick {n_clusters} k-means++ centres from {m} points")
+    if n_local_trials < 0:
+        raise ValueError("n_local_trials must be >= 0 (0: 2 + int(ln K))")
+    trials = n_local_trials or default_local_trials(n_clusters)
+    rng = np.random.default_rng(seed)
+    sq_norms = np.einsum("md,md->m", x, x, dtype=np.float64)  # (m,)
+    chosen = np.empty(n_clusters, dtype=np.int64)
+    chosen[0] = rng.integers(m)
+    closest = squared_distances(x, sq_norms, x[chosen[:1]])[0]  # (m,) distance to the nearest centre
+    for c in range(1, n_clusters):
+        cumulative = np.cumsum(closest)  # (m,)
+        targets = rng.random(trials) * cumulative[-1]  # (t,)
+        # side="right": a point with zero mass (a centre already) can only come up if all mass is zero.
+        candidates = np.minimum(np.searchsorted(cumulative, targets, side="right"), m - 1)  # (t,)
+        with_candidate = np.minimum(closest[None, :], squared_distances(x, sq_norms, x[candidates]))  # (t, m)
+        best = int(np.argmin(with_candidate.sum(axis=1)))
+        chosen[c] = candidates[best]
+        closest = with_candidate[best]
+    return chosen
+
+
+def lloyd(x: np.ndarray, start: np.ndarray | None, n_clusters: int, *, n_iter: int, seed: int,
+          spherical: bool, max_points_per_centroid: int, use_gpu: bool | None, n_redo: int) -> np.ndarray:
+    """Faiss's Lloyd iterations on ``x`` (m, D) float32 from ``start`` (K, D), or faiss's random pick if None."""
     m, dim = x.shape
-    if m < n_clusters:
-        raise ValueError(f"cannot make {n_clusters} clusters from {m} training points")
     clustering = faiss.Clustering(dim, n_clusters)
     clustering.niter = n_iter
     clustering.seed = seed
@@ -93,13 +145,57 @@ def kmeans_on_array(points: np.ndarray, n_clusters: int, *, n_iter: int, seed: i
     # Both bounds explicit: faiss subsamples above max * K points and warns below min * K points.
     clustering.max_points_per_centroid = max_points_per_centroid if max_points_per_centroid > 0 else m
     clustering.min_points_per_centroid = 1
-    if init is not None:
-        if init.shape != (n_clusters, dim):
-            raise ValueError(f"init centroids {init.shape}, expected {(n_clusters, dim)}")
-        faiss.copy_array_to_vector(np.ascontiguousarray(init, dtype=np.float32).ravel(), clustering.centroids)
+    if start is not None:
+        faiss.copy_array_to_vector(np.ascontiguousarray(start, dtype=np.float32).ravel(), clustering.centroids)
     index, _keep_alive = flat_index(dim, spherical, use_gpu)
     clustering.train(x, index)
     return faiss.vector_to_array(clustering.centroids).reshape(n_clusters, dim).astype(np.float32)
+
+
+def kmeans_cost(x: np.ndarray, centroids: np.ndarray, spherical: bool, use_gpu: bool | None) -> float:
+    """Lower is better: the sum of squared L2 distances to the nearest centroid, or minus the sum of cosines."""
+    index, _keep_alive = flat_index(x.shape[1], spherical, use_gpu)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, scores = assign_array(x, index, batch=65_536)  # (m,)
+    total = float(scores.astype(np.float64).sum())
+    return -total if spherical else total
+
+
+def kmeans_on_array(points: np.ndarray, n_clusters: int, *, n_iter: int, seed: int, spherical: bool,
+                    max_points_per_centroid: int = 0, init: np.ndarray | InitMethod | None = None,
+                    use_gpu: bool | None = None, n_redo: int = 1, n_local_trials: int = 0) -> np.ndarray:
+    """Lloyd's k-means of in-memory ``points`` (m, D) -> centroids (K, D) float32.
+
+    ``init``: None or "random" is faiss's seeded random pick of K points (faiss runs the ``n_redo``
+    restarts); "k-means++" is ``kmeans_plus_plus`` seeded with ``seed + restart`` for each of the
+    ``n_redo`` restarts, the lowest-cost run kept; an array (K, D) starts from those centroids.
+    """
+    x = np.ascontiguousarray(points, dtype=np.float32)  # (m, D)
+    m, dim = x.shape
+    if m < n_clusters:
+        raise ValueError(f"cannot make {n_clusters} clusters from {m} training points")
+
+    def run(start: np.ndarray | None, restarts: int) -> np.ndarray:
+        return lloyd(x, start, n_clusters, n_iter=n_iter, seed=seed, spherical=spherical,
+                     max_points_per_centroid=max_points_per_centroid, use_gpu=use_gpu, n_redo=restarts)
+
+    if isinstance(init, np.ndarray):
+        if init.shape != (n_clusters, dim):
+            raise ValueError(f"init centroids {init.shape}, expected {(n_clusters, dim)}")
+        return run(init, 1)  # faiss would restart from the same centroids: one run is all there is
+    if init is None or init == "random":
+        return run(None, n_redo)
+    if init != "k-means++":
+        raise ValueError(f"init must be 'random', 'k-means++' or an array of centroids, got {init!r}")
+    best, best_cost = None, np.inf
+    for restart in range(n_redo):
+        start = x[kmeans_plus_plus(x, n_clusters, seed + restart, n_local_trials)]  # (K, D)
+        centroids = run(start, 1)
+        cost = kmeans_cost(x, centroids, spherical, use_gpu) if n_redo > 1 else 0.0
+        if best is None or cost < best_cost:
+            best, best_cost = centroids, cost
+    assert best is not None
+    return best
 
 
 def train_kmeans(source: VectorSource, cfg: KMeansConfig) -> np.ndarray:

@@ -1,11 +1,12 @@
 """The whole curation pipeline (DINOv2 §3 / appendix A), resumable step by step.
 
-ingest + exact dedup -> embed -> self near-dedup -> relative dedup against eval sets -> retrieval from
-seed images -> hierarchical k-means + balanced sampling -> manifest. Each step writes its outputs
-atomically into ``work_dir/<step>/`` and then ``done.json`` holding a fingerprint of (its config
-section, the fingerprints of its inputs). A rerun skips every step whose marker matches, so an
-interrupted run continues where it stopped and ends with the same manifest; changing a section reruns
-that step and everything downstream of it. Embeddings are read shard by shard (``iter_shards``).
+ingest + exact dedup -> embed -> (threshold calibration on planted copies) -> self near-dedup ->
+relative dedup against eval sets -> retrieval from seed images -> hierarchical k-means + balanced
+sampling -> manifest. Each step writes its outputs atomically into ``work_dir/<step>/`` and then
+``done.json`` holding a fingerprint of (its config section, the fingerprints of its inputs). A rerun
+skips every step whose marker matches, so an interrupted run continues where it stopped and ends with
+the same manifest; changing a section reruns that step and everything downstream of it. Embeddings
+are read shard by shard (``iter_shards``).
 
 With a ``StoreLocator`` of the configured store (the curate stage passes one), every table, stats file
 and fingerprint records the images of that store by their key and other local folders relative to the
@@ -29,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from components.curation import reasons
+from components.curation.calibrate import CalibrationResult, CalibrationScores, calibrate_from_scores, measure_pool
 from components.curation.config import CurateConfig, DedupConfig
 from components.curation.dedup_near import eval_dedup, near_dedup, rejection_frame
 from components.curation.embed import EmbeddingShards, ShardWriter, embed_images
@@ -63,6 +65,7 @@ class CurationResult:
     ingest_kept: pl.DataFrame  # KEPT_SCHEMA: id <-> uri/key of every valid unique image
     duplicate_groups: list[tuple[str, list[str]]]  # (kept id, removed ids), largest groups first
     clusters: pl.DataFrame | None  # id, cluster (top level of the hierarchy) of the retrieved rows
+    calibration: CalibrationResult | None = None  # thresholds measured on the pool (calibrate.enabled)
 
 
 # ------------------------------------------------------------------------------- step bookkeeping
@@ -198,6 +201,9 @@ def run_curation(cfg: CurateConfig, work_dir: Path, store_opener: Callable[[str]
     pool.validate()
     work_dir.mkdir(parents=True, exist_ok=True)
     ingest, shards, embed_key = ingest_and_embed(work_dir, "pool", pool, cfg, "", store_opener, locator)
+    calibration = calibrate_step(work_dir, cfg, ingest, shards, embed_key, locator) if cfg.calibrate.enabled else None
+    if calibration is not None and cfg.calibrate.apply:
+        cfg = with_calibrated_thresholds(cfg, calibration)  # the dedup fingerprints below then hold the new values
 
     near_key = fingerprint(cfg.near_dedup, embed_key)
 
@@ -246,9 +252,37 @@ def run_curation(cfg: CurateConfig, work_dir: Path, store_opener: Callable[[str]
         raise ReconciliationError("the manifest holds an id twice")
     stats = curation_stats(cfg, ingest, shards, near_kept, clean, manifest, rejected, select_stats, clusters,
                            locator)
+    if calibration is not None:
+        used = {"near_dedup": cfg.near_dedup.threshold, "eval_dedup": cfg.eval_dedup.threshold}
+        stats["calibration"] = {**calibration.summary(), "applied": cfg.calibrate.apply, "used": used}
     return CurationResult(manifest=manifest, rejected=rejected, stats=stats, work_dir=work_dir,
                           ingest_kept=ingest.kept, duplicate_groups=duplicate_groups(near_rejected),
-                          clusters=clusters)
+                          clusters=clusters, calibration=calibration)
+
+
+def calibrate_step(work_dir: Path, cfg: CurateConfig, ingest: IngestResult, shards: EmbeddingShards, upstream: str,
+                   locator: StoreLocator | None = None) -> CalibrationResult:
+    """Planted copies of pool images scored against the pool (calibrate.py); the hand-set thresholds measured.
+
+    Only the scores are the step's output: the targets are applied to them on every run, so changing a
+    target (or ``apply``) re-describes nothing."""
+    key = fingerprint("calibrate", without(cfg.calibrate, "enabled", "apply", "target_precision",
+                                           "eval_target_precision"), upstream)
+    read = locator.read if locator is not None else read_uri
+    folder = run_step(work_dir, "calibrate", key,
+                      lambda out: measure_pool(ingest.kept, shards, cfg.embed, cfg.calibrate, read).write(out))
+    configured = {"near_dedup": cfg.near_dedup.threshold, "eval_dedup": cfg.eval_dedup.threshold}
+    return calibrate_from_scores(CalibrationScores.read(folder), cfg.calibrate, configured)
+
+
+def with_calibrated_thresholds(cfg: CurateConfig, calibration: CalibrationResult) -> CurateConfig:
+    """A copy of ``cfg`` whose near_dedup / eval_dedup thresholds are the calibrated ones.
+
+    Clipped to [-1, 1]: a float32 cosine of identical vectors can come out a hair above 1."""
+    near = min(1.0, max(-1.0, calibration.near_dedup.point.threshold))
+    evals = min(1.0, max(-1.0, calibration.eval_dedup.point.threshold))
+    return dataclasses.replace(cfg, near_dedup=dataclasses.replace(cfg.near_dedup, threshold=near),
+                               eval_dedup=dataclasses.replace(cfg.eval_dedup, threshold=evals))
 
 
 def concat_shards(parts: list[EmbeddingShards], out_dir: Path) -> EmbeddingShards:

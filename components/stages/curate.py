@@ -18,6 +18,7 @@ from typing import Any
 
 import polars as pl
 
+from components.curation.calibration_picture import calibration_picture
 from components.curation.config import CurateConfig, load_curate_config
 from components.curation.demo_pool import build_curation_demo, score_against_truth
 from components.curation.pictures import cluster_grid, duplicate_grid
@@ -152,6 +153,8 @@ def draw_pictures(result: CurationResult, cfg: CurateConfig, folder: Path,
             members = result.clusters.filter(pl.col("cluster") == cluster).sort("id")["id"].head(out.grid_per_row)
             rows.append((f"cluster {cluster} (n={size})", [uri_of[i] for i in members.to_list()]))
         pictures["clusters"] = cluster_grid(rows, folder / "clusters.png", per_row=out.grid_per_row, read=read)
+    if result.calibration is not None:
+        pictures["calibration"] = calibration_picture(result.calibration, folder / "calibration.png")
     return pictures
 
 
@@ -160,7 +163,59 @@ def run_metrics(stats: dict[str, Any]) -> dict[str, float]:
     metrics.update({f"rejected.{reason}": float(n) for reason, n in stats["rejected_by_reason"].items()})
     metrics["reconciled"] = 1.0 if stats["reconciled"] else 0.0
     metrics.update({f"demo.{k}": float(v) for k, v in stats.get("demo", {}).items() if not math.isnan(v)})
+    metrics.update(flat_numbers("calibrate", stats.get("calibration", {})))
     return metrics
+
+
+def flat_numbers(prefix: str, tree: dict[str, Any]) -> dict[str, float]:
+    """Every number (and bool) of a nested dict as ``prefix.key.subkey``; None (an undefined precision) left out."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out.update(flat_numbers(name, value))
+        elif isinstance(value, bool | int | float) and not (isinstance(value, float) and math.isnan(value)):
+            out[name] = float(value)
+    return out
+
+
+def calibration_markdown(calibration: dict[str, Any]) -> list[str]:
+    """The calibration section of the report: chosen and hand-set thresholds with what each does on this pool."""
+    def row(label: str, point: dict[str, Any]) -> str:
+        precision = "n/a" if point["precision"] is None else f"{point['precision']:.3f}"
+        return (f"| {label} | {point['threshold']:.4f} | {point['recall']:.3f} | {point['false_removal']:.3f} | "
+                f"{precision} |")
+
+    near, evals, hand = calibration["near_dedup"], calibration["eval_dedup"], calibration["configured"]
+    applied = "**applied** to this run's dedup" if calibration["applied"] else "reported only (calibrate.apply: false)"
+    lines = ["", "### Threshold calibration on this pool", "",
+             f"{calibration['sampled']:,} pool images sampled, {calibration['copies_per_image']} planted "
+             f"cop{'y' if calibration['copies_per_image'] == 1 else 'ies'} each (crops, rescaling, JPEG, colour, "
+             f"rotation, flips, text); the chosen thresholds are {applied}. "
+             "Recall: planted copies above the threshold. False removal: sampled images whose nearest *other* "
+             "pool image is above it (they would be merged with a different image). Precision: on one copy and "
+             "one nearest distinct image per sampled image.", "",
+             "| threshold | cosine > | recall | false removal | precision |", "|---|---:|---:|---:|---:|",
+             row(f"near_dedup chosen (precision >= {near['target_precision']})", near),
+             row("near_dedup set by hand", hand["near_dedup"]),
+             row(f"eval_dedup chosen (precision >= {evals['target_precision']})", evals),
+             row("eval_dedup set by hand", hand["eval_dedup"])]
+    for name, choice in (("near_dedup", near), ("eval_dedup", evals)):
+        measured = hand[name]
+        if measured["precision"] is not None and measured["precision"] < choice["target_precision"]:
+            lines += ["", f"**The hand-set {name} threshold {measured['threshold']:.4f} falls short of precision "
+                          f"{choice['target_precision']} on this pool ({measured['precision']:.3f}): about "
+                          f"{100 * measured['false_removal']:.1f}% of the pool's images would be joined to a different "
+                          "image, and all but one of each such group removed.**"]
+        if not choice["reached"]:
+            lines += ["", f"**{name}: no threshold reaches precision {choice['target_precision']} with this "
+                          "descriptor on this pool**; the one chosen removes no sampled distinct image and catches "
+                          "what it can. A better copy descriptor is needed."]
+    by_edit = ", ".join(f"{edit} {value:.2f}" for edit, value in calibration["recall_by_edit"].items())
+    lines += ["", f"Recall by edit at the chosen near-dedup threshold: {by_edit}.",
+              f"Thresholds used in this run: near_dedup {calibration['used']['near_dedup']:.4f}, "
+              f"eval_dedup {calibration['used']['eval_dedup']:.4f}."]
+    return lines
 
 
 def curate_markdown(stats: dict[str, Any], pictures: dict[str, Path]) -> str:
@@ -177,6 +232,8 @@ def curate_markdown(stats: dict[str, Any], pictures: dict[str, Path]) -> str:
     if "demo" in stats:
         lines += ["", "### Against the planted truth (demo)", "", "| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in stats["demo"].items()]
+    if "calibration" in stats:
+        lines += calibration_markdown(stats["calibration"])
     if stats.get("cluster_sizes"):
         lines += ["", f"Top-level cluster sizes: {stats['cluster_sizes']}"]
     lines += ["", "### Pictures", ""] + [f"- {name}: `{path}`" for name, path in pictures.items()]
