@@ -189,7 +189,7 @@ def test_the_exported_student_is_its_ema_not_the_raw_student(tiny_teacher: TinyT
     digest = teacher.fingerprint()
     result, model = run_pretraining(cfg, CPU, tiny_teacher.root, recipe=distill_recipe(teacher, mode, cfg.features))
     assert result.finished and isinstance(model, DistillMetaArch)
-    folder = export_student(cfg, tmp_path, model, "run-id", result, {"dinoflow.distill_mode": mode})
+    folder = export_student(cfg, tmp_path, model, result, {"dinoflow.distill_mode": mode})
     exported = load_file(str(folder / WEIGHTS_FILE))
     ema, raw = model.backbone("teacher").state_dict(), model.backbone("student").state_dict()
     assert exported.keys() == ema.keys()

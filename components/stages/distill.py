@@ -88,7 +88,7 @@ def run_distill(context: StageContext, cfg: DistillConfig) -> DistillOutputs:
                                             recipe=distill_recipe(teacher, mode, cfg.features))
             backbone_dir = version = None
             if result.finished:
-                backbone_dir = export_student(cfg, context.root, model, run.info.run_id, result, lineage)
+                backbone_dir = export_student(cfg, context.root, model, result, lineage)
                 mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
                 if cfg.checkpoint.log_to_mlflow and result.checkpoint is not None:
                     mlflow.log_artifacts(str(result.checkpoint), artifact_path="checkpoint")
@@ -144,12 +144,13 @@ def lineage_tags(ref: TeacherRef, teacher: FrozenTeacher, mode: Mode) -> dict[st
 # ---------------------------------------------------------------- outputs
 
 
-def export_student(cfg: DistillConfig, root: Path, model: object, run_id: str, result: PretrainResult,
+def export_student(cfg: DistillConfig, root: Path, model: object, result: PretrainResult,
                    lineage: dict[str, str]) -> Path:
     """The student's EMA backbone (the paper's final model, not the raw student) as safetensors + config.json."""
     assert isinstance(model, DistillMetaArch)
     crops = cfg.crops
-    metadata: dict[str, Any] = {"mlflow_run_id": run_id, "step": result.end_step,
+    # No run id in the folder (a DVC output: see stages/pretrain.py export_teacher).
+    metadata: dict[str, Any] = {"step": result.end_step,
                                 "global_crops_size": crops.global_crops_size, **lineage}
     return save_backbone(model.backbone("teacher"), cfg.backbone, root / cfg.run.output_dir / "backbone",
                          mean=crops.normalize_mean, std=crops.normalize_std, metadata=metadata)

@@ -56,7 +56,7 @@ def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
             result, model = run_pretraining(cfg, env, context.root, tracker, store=context.store)
             backbone_dir = version = None
             if result.finished:
-                backbone_dir = export_teacher(cfg, context.root, model, run.info.run_id, result)
+                backbone_dir = export_teacher(cfg, context.root, model, result)
                 mlflow.log_artifacts(str(backbone_dir), artifact_path="backbone")
                 # A rerun that finds training finished only re-exports: log the newest checkpoint anyway, so the
                 # new version keeps its heads (distillation through the heads reads them from there).
@@ -72,7 +72,7 @@ def run_pretrain(context: StageContext, cfg: PretrainConfig) -> PretrainOutputs:
         shutdown_distributed()
 
 
-def export_teacher(cfg: PretrainConfig, root: Path, model: object, run_id: str, result: PretrainResult) -> Path:
+def export_teacher(cfg: PretrainConfig, root: Path, model: object, result: PretrainResult) -> Path:
     """The EMA teacher's backbone (the model users want) as safetensors + config.json."""
     from components.ssl.meta_arch import SSLMetaArch
 
@@ -81,7 +81,9 @@ def export_teacher(cfg: PretrainConfig, root: Path, model: object, run_id: str, 
     return save_backbone(
         model.backbone("teacher"), cfg.backbone, root / cfg.run.output_dir / "backbone",
         mean=crops.normalize_mean, std=crops.normalize_std,
-        metadata={"mlflow_run_id": run_id, "step": result.end_step, "global_crops_size": crops.global_crops_size},
+        # No run id in the folder: it is a DVC output, and a value that differs on every run would change
+        # dvc.lock although data, params and code did not. The run is found through the registry version.
+        metadata={"step": result.end_step, "global_crops_size": crops.global_crops_size},
     )
 
 

@@ -50,6 +50,7 @@ from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_
 from components.storage import ObjectStore, StoreLocator
 from components.train.checkpointer import Checkpointer
 from components.train.config import PretrainConfig
+from components.train.determinism import deterministic_algorithms
 from components.train.distributed import DistEnv, all_reduce_gradients, any_rank, broadcast_module
 from components.train.parallel import param_dtype_for, resolve_strategy, shard_meta_arch
 from components.train.tracking import NullTracker, StepTracker, flops_per_image, peak_flops
@@ -266,7 +267,18 @@ def run_pretraining(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: Step
                     after_step: StepHook | None = None) -> tuple[PretrainResult, SSLMetaArch]:
     """Train (or continue training) until ``objective.optim.iterations`` or ``run.max_steps`` more steps.
 
-    The loop reads load -> while -> step -> save: :class:`Checkpointer` owns what a checkpoint holds, when
+    With ``run.deterministic`` the whole run uses torch's deterministic kernels (components/train/determinism.py).
+    """
+    with deterministic_algorithms(cfg.run.deterministic):
+        return training_loop(cfg, env, root, tracker, store, recipe, after_step)
+
+
+def training_loop(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTracker | None = None,
+                  store: ObjectStore | None = None, recipe: ModelRecipe | None = None,
+                  after_step: StepHook | None = None) -> tuple[PretrainResult, SSLMetaArch]:
+    """The loop of :func:`run_pretraining` (call that one): it reads load -> while -> step -> save.
+
+    :class:`Checkpointer` owns what a checkpoint holds, when
     one is written and where (``store`` with ``checkpoint.store_prefix`` mirrors them to the object store).
     ``recipe`` swaps the model and its checkpoint fingerprint (distillation); default: pretraining.
     ``after_step(steps_done, model)`` runs after every completed step (benchmarks evaluate the teacher
