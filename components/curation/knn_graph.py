@@ -4,10 +4,13 @@ Vectors are L2-normalised, so an inner-product index gives cosine similarity. Th
 to the index shard by shard and queries are searched shard by shard (in ``query_batch`` slices), so
 apart from the index itself only one shard is in memory. ``flat`` (IndexFlatIP) is exact; ``ivf``
 (IndexIVFFlat, trained explicitly on a strided sample) is approximate unless ``nprobe == nlist``.
+``ivf_blocked`` (components/curation/blocked_ivf.py) is an IVF whose self-join runs list by list as
+matmuls: the one to use for the k-NN graph of a large pool (docs/curation.md, "Scale").
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,8 +19,10 @@ from typing import Any, Literal, Protocol
 import faiss
 import numpy as np
 
-IndexKind = Literal["auto", "flat", "ivf"]
+IndexKind = Literal["auto", "flat", "ivf", "ivf_blocked"]
+INDEX_KINDS = ("auto", "flat", "ivf", "ivf_blocked")
 DEFAULT_IVF_MIN_ROWS = 1_000_000  # "auto": exact search below this many database rows, IVF above
+DEFAULT_BLOCKED_NPROBE = 10  # recall@64 0.95-0.96 on the 1M benchmark pool (docs/curation.md, "Scale")
 DEFAULT_TRAIN_ROWS = 262_144  # k-means sample for IVF training (faiss wants >= 39 points per list)
 
 
@@ -89,8 +94,8 @@ class KnnConfig:
     k: int = 64
     threshold: float = 0.6  # keep edges with cosine strictly above this
     index: IndexKind = "flat"
-    nlist: int | None = None  # IVF lists; None: about 4 * sqrt(N)
-    nprobe: int | None = None  # IVF lists probed per query; None: min(16, nlist)
+    nlist: int | None = None  # IVF lists; None: about 4 * sqrt(N) (ivf), 2 * sqrt(N) (ivf_blocked)
+    nprobe: int | None = None  # IVF lists probed per query (ivf) or per list (ivf_blocked); None: 16, capped at nlist
     ivf_min_rows: int = DEFAULT_IVF_MIN_ROWS
     use_gpu: bool | None = None  # None: when faiss sees a GPU
     query_batch: int = 8192  # query rows per faiss call: bounds the (q, k) result arrays
@@ -98,8 +103,8 @@ class KnnConfig:
     def validate(self) -> None:
         if self.k < 1 or self.query_batch < 1 or self.ivf_min_rows < 1:
             raise ValueError("k, query_batch and ivf_min_rows must be >= 1")
-        if self.index not in ("auto", "flat", "ivf"):
-            raise ValueError(f"index must be auto, flat or ivf, got {self.index!r}")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {self.index!r}")
         if (self.nlist is not None and self.nlist < 1) or (self.nprobe is not None and self.nprobe < 1):
             raise ValueError("nlist and nprobe must be >= 1")
 
@@ -113,9 +118,14 @@ def gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
-def resolve_kind(kind: IndexKind, n: int, ivf_min_rows: int) -> Literal["flat", "ivf"]:
+def resolve_kind(kind: IndexKind, n: int, ivf_min_rows: int,
+                 self_join: bool = False) -> Literal["flat", "ivf", "ivf_blocked"]:
+    """The index a search uses. "auto" on a large database: the blocked IVF for a self-join (every
+    row is a query, so batching queries by list pays), faiss's IVF when few outside queries come."""
     if kind == "auto":
-        return "ivf" if n >= ivf_min_rows else "flat"
+        if n < ivf_min_rows:
+            return "flat"
+        return "ivf_blocked" if self_join else "ivf"
     return kind
 
 
@@ -144,6 +154,8 @@ def build_index(database: VectorSource, cfg: KnnConfig) -> SearchIndex:
     """A filled inner-product index over ``database`` (on the GPU when asked or available)."""
     n, dim = database.num_rows, database.dim
     kind = resolve_kind(cfg.index, n, cfg.ivf_min_rows)
+    if kind == "ivf_blocked":
+        raise ValueError("ivf_blocked is not a faiss index: use knn_graph / cross_edges")
     index: Any
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
@@ -194,14 +206,33 @@ def search_edges(index: Any, queries: VectorSource, k: int, threshold: float, ex
     return KnnEdges(np.concatenate(src_parts), np.concatenate(dst_parts), np.concatenate(cos_parts))
 
 
+PAIR_BUCKET_EDGES = 1 << 24  # edges sorted at once by undirected(): bounds its temporaries to ~0.5 GB
+
+
 def undirected(edges: KnnEdges) -> KnnEdges:
-    """Each unordered pair once, as (min, max) with the larger of its two cosines, sorted by (src, dst)."""
-    lo, hi = np.minimum(edges.src, edges.dst), np.maximum(edges.src, edges.dst)
-    order = np.lexsort((-edges.cosine, hi, lo))  # by pair, best cosine first
-    lo, hi, cosine = lo[order], hi[order], edges.cosine[order]
-    first = np.ones(lo.shape[0], dtype=bool)
-    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
-    return KnnEdges(lo[first], hi[first], cosine[first])
+    """Each unordered pair once, as (min, max) with the larger of its two cosines, sorted by (src, dst).
+
+    Both copies of a pair share their smaller end, so pairs are deduplicated in buckets of that end
+    (about PAIR_BUCKET_EDGES edges each), with one int64 key (lo * n + hi) argsorted per bucket: a
+    three-key lexsort of all ~100M edges of a 2M-row graph would hold several E-sized temporaries.
+    """
+    if edges.num_edges == 0:
+        return empty_edges()
+    n = int(max(edges.src.max(), edges.dst.max())) + 1
+    lo = np.minimum(edges.src, edges.dst)  # (E,) in the input's integer type
+    n_buckets = -(-edges.num_edges // PAIR_BUCKET_EDGES)
+    bounds = np.linspace(0, n, n_buckets + 1).astype(np.int64)
+    src_parts, dst_parts, cos_parts = [], [], []
+    for low, high in itertools.pairwise(bounds):
+        picked = np.flatnonzero((lo >= low) & (lo < high))  # (E_b,)
+        key = lo[picked].astype(np.int64) * n + np.maximum(edges.src[picked], edges.dst[picked])  # n^2 < 2^63
+        order = np.argsort(key)
+        key, cosine = key[order], edges.cosine[picked][order]
+        starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if key.shape[0] else key[:0]
+        src_parts.append(key[starts] // n)
+        dst_parts.append(key[starts] % n)
+        cos_parts.append(np.maximum.reduceat(cosine, starts).astype(np.float32) if starts.shape[0] else cosine)
+    return KnnEdges(np.concatenate(src_parts), np.concatenate(dst_parts), np.concatenate(cos_parts))
 
 
 def build_knn_graph(shards: VectorSource, k: int, threshold: float, index: IndexKind = "flat",
@@ -222,9 +253,28 @@ def knn_graph(shards: VectorSource, cfg: KnnConfig) -> KnnGraph:
     cfg.validate()
     if shards.num_rows == 0:
         return KnnGraph(edges=empty_edges(), ids=[])
+    return KnnGraph(edges=undirected(self_edges(shards, cfg)), ids=shards.ids())
+
+
+def blocked_settings(n: int, cfg: KnnConfig) -> dict[str, int]:
+    """nlist / nprobe / train_rows of the blocked IVF over n database rows."""
+    # Imported here: blocked_ivf imports this module's types.
+    from components.curation.blocked_ivf import DEFAULT_TRAIN_PER_LIST, default_blocked_nlist
+
+    nlist = cfg.nlist or default_blocked_nlist(n)
+    nprobe = cfg.nprobe or DEFAULT_BLOCKED_NPROBE
+    return {"nlist": nlist, "nprobe": nprobe, "train_rows": DEFAULT_TRAIN_PER_LIST * nlist}
+
+
+def self_edges(shards: VectorSource, cfg: KnnConfig) -> KnnEdges:
+    """Directed edges row -> each of its k nearest other rows with cosine > threshold (the index is
+    freed on return, before the caller sorts the edges)."""
+    if resolve_kind(cfg.index, shards.num_rows, cfg.ivf_min_rows, self_join=True) == "ivf_blocked":
+        from components.curation.blocked_ivf import blocked_self_edges
+
+        return blocked_self_edges(shards, k=cfg.k, threshold=cfg.threshold, **blocked_settings(shards.num_rows, cfg))
     built = build_index(shards, cfg)
-    edges = search_edges(built.index, shards, cfg.k, cfg.threshold, exclude_self=True, query_batch=cfg.query_batch)
-    return KnnGraph(edges=undirected(edges), ids=shards.ids())
+    return search_edges(built.index, shards, cfg.k, cfg.threshold, exclude_self=True, query_batch=cfg.query_batch)
 
 
 def cross_edges(queries: VectorSource, database: VectorSource, cfg: KnnConfig) -> KnnEdges:
@@ -234,5 +284,10 @@ def cross_edges(queries: VectorSource, database: VectorSource, cfg: KnnConfig) -
         return empty_edges()
     if queries.dim != database.dim:
         raise ValueError(f"query vectors have width {queries.dim}, database vectors {database.dim}")
+    if resolve_kind(cfg.index, database.num_rows, cfg.ivf_min_rows) == "ivf_blocked":
+        from components.curation.blocked_ivf import blocked_cross_edges
+
+        return blocked_cross_edges(database, queries, k=cfg.k, threshold=cfg.threshold,
+                                   **blocked_settings(database.num_rows, cfg))
     built = build_index(database, cfg)
     return search_edges(built.index, queries, cfg.k, cfg.threshold, exclude_self=False, query_batch=cfg.query_batch)
