@@ -55,13 +55,13 @@ from PIL import Image
 
 from components.curation.copy_edits import EDIT_NAMES, CopyEditConfig, copy_rng, random_copy
 from components.curation.embed import EmbedConfig, describe_images, load_embedder
-from components.curation.knn_graph import VectorSource
+from components.curation.knn_graph import InMemoryVectors, KnnConfig, VectorSource, build_index, search_edges
 from components.storage import read_uri
 from components.storage.atomic import write_parquet_atomic, write_text_atomic
 
 SCORES_FILE = "scores.parquet"
 META_FILE = "calibration.json"
-SEARCH_SLICE = 8_192  # pool rows scored against the whole sample at once: bounds the (n, slice) score block
+SEARCH_BATCH = 8_192  # sampled images per index search: bounds the (batch, k) result arrays
 
 
 @dataclass
@@ -268,25 +268,20 @@ def gather_rows(pool: VectorSource, rows: np.ndarray) -> tuple[list[str], np.nda
 def nearest_other(pool: VectorSource, queries: np.ndarray, query_rows: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Each query's highest cosine to a pool row other than its own (``query_rows``) and that row's id.
 
-    Exact: every pool row is scored, ``SEARCH_SLICE`` rows at a time (cost n x N x D multiply-adds)."""
+    Exact (the k-NN graph's flat index): the two nearest rows are searched and the query's own row,
+    wherever it ranks, is dropped by row number (an identical vector may tie with it)."""
+    index = build_index(pool, KnnConfig(index="flat", k=2)).index
+    edges = search_edges(index, InMemoryVectors([str(i) for i in range(len(queries))], queries), k=2,
+                         threshold=-math.inf, exclude_self=False, query_batch=SEARCH_BATCH)
+    other = edges.dst != query_rows[edges.src]  # (E,)
+    src, dst, cosine = edges.src[other], edges.dst[other], edges.cosine[other]
     best = np.full(len(queries), -np.inf, dtype=np.float64)  # (n,)
-    best_id: list[str] = [""] * len(queries)
-    start = 0
-    for shard_ids, vectors in pool.iter_shards():
-        for offset in range(0, len(shard_ids), SEARCH_SLICE):
-            block = np.asarray(vectors[offset:offset + SEARCH_SLICE], dtype=np.float32)  # (b, D)
-            sims = (queries @ block.T).astype(np.float64)  # (n, b)
-            first = start + offset
-            own = (query_rows >= first) & (query_rows < first + len(block))  # (n,) queries whose own row is here
-            sims[own, query_rows[own] - first] = -np.inf  # a query is not its own neighbour
-            top = np.argmax(sims, axis=1)  # (n,)
-            top_sims = sims[np.arange(len(queries)), top]  # (n,)
-            better = top_sims > best
-            for i in np.flatnonzero(better):
-                best_id[int(i)] = shard_ids[offset + int(top[i])]
-            best = np.where(better, top_sims, best)
-        start += len(shard_ids)
-    return best, best_id
+    np.maximum.at(best, src, cosine.astype(np.float64))
+    winner = np.full(len(queries), -1, dtype=np.int64)  # (n,) pool row of each query's best other row
+    is_best = cosine.astype(np.float64) == best[src]
+    winner[src[is_best]] = dst[is_best]
+    ids = pool.ids()
+    return best, [ids[int(row)] if row >= 0 else "" for row in winner]
 
 
 def plant_copies(images: Sequence[Image.Image], copies: int, seed: int, indices: Sequence[int],
