@@ -7,6 +7,7 @@ is 50x larger than the others.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -256,3 +257,19 @@ def test_invalid_levels_are_refused(levels: list[int]) -> None:
 def test_invalid_resample_sizes_are_refused(per_cluster: int | list[int]) -> None:
     with pytest.raises(ValueError, match="resample_per_cluster"):
         HierarchicalKMeansConfig(levels=[20, 4], resample_per_cluster=per_cluster).validate()
+
+
+def test_the_balance_section_forwards_every_kmeans_setting() -> None:
+    from components.curation.config import BalanceSection
+
+    section = BalanceSection(levels=[9, 3], n_iter=7, resampling_steps=4, resample_per_cluster=[5, 2],
+                             max_train_rows=123, distance="cosine", init_trials=1, n_redo=3, seed=11)
+    cfg = section.kmeans_config([8, 3])
+    shared = {f.name for f in dataclasses.fields(BalanceSection)} & {f.name for f in dataclasses.fields(cfg)}
+    assert shared - {"levels"} == {"n_iter", "resampling_steps", "resample_per_cluster", "max_train_rows",
+                                   "distance", "init_trials", "n_redo", "seed"}
+    for name in shared - {"levels"}:
+        assert getattr(cfg, name) == getattr(section, name), name
+    assert cfg.levels == [8, 3]
+    with pytest.raises(ValueError, match="distance"):
+        BalanceSection(levels=[4], distance="manhattan").validate()  # type: ignore[arg-type]

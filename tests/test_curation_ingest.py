@@ -62,7 +62,9 @@ def pool_files(with_broken_link: bool = True) -> dict[str, bytes | None]:
         "a/huge.png": encode(np.zeros((200, 200), dtype=np.uint8), "PNG"),  # 40,000 px > MAX_PIXELS
         "a/tiny.png": encode(noise(4, 4, 7), "PNG"),
         "a/readme.txt": b"not part of the pool\n",
-        "a/no-extension": encode(noise(16, 16, 8), "PNG"),
+        "a/no-extension": b"\x00\x01 no image bytes either\n",
+        "a/saved-as.txt": encode(noise(16, 16, 8), "PNG"),  # kept: a PNG under a non-image name
+        "a/cut-jpeg.dat": encode(noise(40, 40, 15), "JPEG")[:700],  # truncated, whatever the name
         ".hidden/secret.png": encode(noise(16, 16, 9), "PNG"),  # hidden: never listed
         "a/.DS_Store": b"\x00\x01",  # hidden: never listed
         "a/download.png.part": encode(noise(16, 16, 10), "PNG"),  # temp: never listed
@@ -86,11 +88,13 @@ EXPECTED_REASONS = {
     "a/tiny.png": "too_small",
     "a/readme.txt": "unsupported_extension",
     "a/no-extension": "unsupported_extension",
+    "a/cut-jpeg.dat": "truncated",
     "a/gone.png": "unreadable",
 }
 EXPECTED_KEPT = {"a/cat.png", "a/dog.JPG", "a/gray.png", "a/nested/deeper/bird.jpeg", "a/really-jpeg.png",
-                 "a/really-png.jpg"}
-MISMATCHED = {"a/really-jpeg.png": "JPEG", "a/really-png.jpg": "PNG"}  # kept although the name says otherwise
+                 "a/really-png.jpg", "a/saved-as.txt"}
+# kept although the name says otherwise
+MISMATCHED = {"a/really-jpeg.png": "JPEG", "a/really-png.jpg": "PNG", "a/saved-as.txt": "PNG"}
 
 
 def write_pool(root: Path, files: dict[str, bytes | None]) -> Path:
@@ -128,14 +132,14 @@ def test_every_file_is_kept_or_rejected_with_its_reason(pool: Path) -> None:
     assert result.kept.schema == KEPT_SCHEMA and result.rejected.schema == REJECTED_SCHEMA
 
     steps = result.stats["steps"]
-    assert steps == {"listed": 20, "valid": 8, "kept": 6, "rejected": 14}
+    assert steps == {"listed": 22, "valid": 9, "kept": 7, "rejected": 15}
     assert steps["listed"] == steps["kept"] + steps["rejected"]
     assert set(result.kept["key"]) | set(result.rejected["key"]) == set(EXPECTED_KEPT) | set(EXPECTED_REASONS)
     assert result.rejected["reason"].is_not_null().all() and result.rejected["message"].str.len_chars().min() > 0
     assert result.stats["rejected_by_reason"]["exact_duplicate"] == 2
-    assert result.stats["rejected_by_reason"]["truncated"] == 4
-    assert result.stats["kept_by_format"] == {"JPEG": 3, "PNG": 3}
-    assert result.stats["kept_extension_mismatch"] == 2
+    assert result.stats["rejected_by_reason"]["truncated"] == 5
+    assert result.stats["kept_by_format"] == {"JPEG": 3, "PNG": 4}
+    assert result.stats["kept_extension_mismatch"] == 3
     assert "wrong_extension" not in result.stats["rejected_by_reason"]  # retired: such files are kept
 
 
@@ -211,8 +215,8 @@ def test_outputs_are_written_atomically(pool: Path, tmp_path: Path, monkeypatch:
 
 def test_report_is_a_readable_markdown_table(pool: Path) -> None:
     text = stats_markdown(ingest_pool(config(str(pool))).stats)
-    assert "| listed | 20 | 100.0% |" in text
-    assert "Kept with an extension that names another format: 2." in text
+    assert "| listed | 22 | 100.0% |" in text
+    assert "Kept with an extension that names another format: 3." in text
     assert "| `exact_duplicate` | 2 |" in text
     assert all(f"`{code}`" in text for code in REASONS)
 
@@ -234,7 +238,9 @@ def test_a_format_that_is_not_accepted_is_not_an_image_whatever_the_name(pool: P
     assert rows["a/really-jpeg.png"]["reason"] == "not_an_image" and rows["a/really-jpeg.png"]["format"] == "JPEG"
     assert rows["a/cut-jpeg.png"]["reason"] == "not_an_image"  # a cut JPEG is no truncated PNG
     assert rows["a/header-only.png"]["reason"] == "truncated"
-    assert set(result.kept["key"]) == {"a/cat.png", "a/gray.png"}
+    # PNG bytes are accepted under any name (.jpg, .txt); JPEG bytes under a non-png name are not candidates
+    assert set(result.kept["key"]) == {"a/cat.png", "a/gray.png", "a/really-png.jpg", "a/saved-as.txt"}
+    assert rows["a/dog.JPG"]["reason"] == "unsupported_extension"
     assert result.stats["steps"]["listed"] == result.kept.height + result.rejected.height
 
 

@@ -122,4 +122,19 @@ def test_other_reasons_still_come_first(tmp_path: Path) -> None:
     small = make_rules(list(DEFAULT_EXTENSIONS), max_pixels=1_000_000, min_side=30)
     got = check(tmp_path, "small.jpg", WHOLE["PNG"], small)
     assert (got.reason, got.format, got.extension_mismatch) == (reasons.TOO_SMALL, "PNG", True)
-    assert check(tmp_path, "notes.txt", WHOLE["PNG"]).reason == reasons.UNSUPPORTED_EXTENSION
+    assert check(tmp_path, "notes.txt", b"a caption, no image").reason == reasons.UNSUPPORTED_EXTENSION
+
+
+@pytest.mark.parametrize("name", ["saved-as.txt", "download", "picture.dat"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_image_under_a_non_image_name_is_validated_by_its_bytes(tmp_path: Path, fmt: str, name: str) -> None:
+    kept = check(tmp_path, name, WHOLE[fmt])
+    assert (kept.reason, kept.format, kept.extension_mismatch, kept.width, kept.height) == (None, fmt, True, 32, 24)
+    cut = check(tmp_path, f"cut-{name}", WHOLE[fmt][: len(WHOLE[fmt]) // 2])
+    assert (cut.reason, cut.format) == (reasons.TRUNCATED, fmt)
+
+
+@pytest.mark.parametrize("data", [b"", b"caption: a cat\n", b'{"label": 3}', bytes(range(256))])
+def test_a_non_image_under_a_non_image_name_is_rejected_for_its_extension(tmp_path: Path, data: bytes) -> None:
+    got = check(tmp_path, "sidecar.json", data)
+    assert got.reason == reasons.UNSUPPORTED_EXTENSION and "'json'" in got.message and got.bytes == len(data)

@@ -9,6 +9,7 @@ from pathlib import Path
 from components.config.loader import load_config
 from components.curation.calibrate import CalibrateConfig
 from components.curation.embed import EmbedConfig
+from components.curation.hierarchical import Distance, HierarchicalKMeansConfig
 from components.curation.ingest import DEFAULT_EXTENSIONS, PIL_DEFAULT_MAX_PIXELS, IngestConfig
 from components.curation.knn_graph import IndexKind
 
@@ -94,11 +95,16 @@ class BalanceSection:
     # at every level, the configs' rule ("roughly half the average cluster size"), e.g. their [10, 5, 3].
     resample_per_cluster: list[int] = field(default_factory=list)
     max_train_rows: int = 0  # k-means trains on a seeded sample of this many rows (0: all, in RAM); all are assigned
+    distance: Distance = "l2"  # official dist="l2"; "cosine": spherical k-means on unit vectors
+    init_trials: int = 0  # greedy k-means++ candidates per centre; 0: 2 + int(ln K) (official); 1: plain k-means++
+    n_redo: int = 1  # official num_init=1; more: seeded restarts per k-means run, the lowest cost kept
     seed: int = 0
 
     def validate(self) -> None:
-        if self.max_train_rows < 0 or self.resampling_steps < 0:
-            raise ValueError("balance.max_train_rows and balance.resampling_steps must be >= 0")
+        if self.max_train_rows < 0 or self.resampling_steps < 0 or self.init_trials < 0 or self.n_redo < 1:
+            raise ValueError("balance.max_train_rows, resampling_steps, init_trials must be >= 0 and n_redo >= 1")
+        if self.distance not in ("l2", "cosine"):
+            raise ValueError(f"balance.distance must be l2 or cosine, got {self.distance!r}")
         if any(k < 1 for k in self.levels) or self.target_size < 0 or self.n_iter < 1:
             raise ValueError("balance: levels must be >= 1, target_size >= 0, n_iter >= 1")
         if self.resample_per_cluster and (len(self.resample_per_cluster) != len(self.levels)
@@ -106,6 +112,13 @@ class BalanceSection:
             raise ValueError("balance.resample_per_cluster: one size >= 0 per level, or [] for half the mean size")
         if self.strategy not in ("random", "closest"):
             raise ValueError(f"balance.strategy must be random or closest, got {self.strategy!r}")
+
+    def kmeans_config(self, levels: list[int]) -> HierarchicalKMeansConfig:
+        """The hierarchical k-means settings of this section, with ``levels`` capped to the pool."""
+        return HierarchicalKMeansConfig(
+            levels=levels, n_iter=self.n_iter, resampling_steps=self.resampling_steps,
+            resample_per_cluster=self.resample_per_cluster, distance=self.distance,
+            init_trials=self.init_trials, seed=self.seed, max_train_rows=self.max_train_rows, n_redo=self.n_redo)
 
 
 @dataclass

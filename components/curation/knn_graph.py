@@ -14,13 +14,13 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import faiss
 import numpy as np
 
 IndexKind = Literal["auto", "flat", "ivf", "ivf_blocked"]
-INDEX_KINDS = ("auto", "flat", "ivf", "ivf_blocked")
+INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 DEFAULT_IVF_MIN_ROWS = 1_000_000  # "auto": exact search below this many database rows, IVF above
 DEFAULT_BLOCKED_NPROBE = 10  # recall@64 0.95-0.96 on the 1M benchmark pool (docs/curation.md, "Scale")
 DEFAULT_TRAIN_ROWS = 262_144  # k-means sample for IVF training (faiss wants >= 39 points per list)

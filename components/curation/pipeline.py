@@ -331,7 +331,7 @@ def select(cfg: CurateConfig, work_dir: Path, shards: EmbeddingShards, clean: pl
         current = current.filter(pl.col("id").is_in(list(chosen)))
     clusters = None
     if cfg.balance.levels and current.height:
-        from components.curation.hierarchical import HierarchicalKMeansConfig, balanced_sample, hierarchical_kmeans
+        from components.curation.hierarchical import balanced_sample, hierarchical_kmeans
 
         key = fingerprint(cfg.balance, key)
         section_b = cfg.balance
@@ -340,10 +340,7 @@ def select(cfg: CurateConfig, work_dir: Path, shards: EmbeddingShards, clean: pl
         def balance_compute(folder: Path) -> None:
             source = subset_shards(shards, set(rows_in["id"].to_list()), folder / "shards")
             levels = [min(k, source.num_rows) for k in section_b.levels]
-            hk = hierarchical_kmeans(source, HierarchicalKMeansConfig(
-                levels=levels, n_iter=section_b.n_iter, resampling_steps=section_b.resampling_steps,
-                resample_per_cluster=section_b.resample_per_cluster, seed=section_b.seed,
-                max_train_rows=section_b.max_train_rows))
+            hk = hierarchical_kmeans(source, section_b.kmeans_config(levels))
             top = hk.point_clusters(len(levels) - 1)
             target = section_b.target_size or source.num_rows
             picked = balanced_sample(hk, target, seed=section_b.seed, strategy=section_b.strategy)

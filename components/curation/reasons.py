@@ -24,8 +24,10 @@ WRONG_EXTENSION = "wrong_extension"
 
 # In the order the checks run: the first failing check names the reason.
 REASONS: dict[str, str] = {
-    UNSUPPORTED_EXTENSION: "the file name's extension is not one of the configured image extensions",
-    UNREADABLE: "the object could not be read from the store (missing, broken link, I/O or network error)",
+    UNSUPPORTED_EXTENSION: "the file name's extension is not one of the configured image extensions "
+                           "and its bytes are no accepted image format either",
+    UNREADABLE: "the object could not be read from the store (missing, broken link, permission or I/O error; "
+                "a store outage stops the run instead)",
     ZERO_BYTES: "the object is empty",
     NOT_AN_IMAGE: "the bytes are not one of the accepted image formats (text, HTML error page, other format)",
     DECOMPRESSION_BOMB: "width x height exceeds max_pixels (a tiny file that would decode to huge memory)",

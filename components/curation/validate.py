@@ -187,18 +187,25 @@ def _short(exc: BaseException) -> str:
 
 
 def check_object(store: ObjectStore, key: str, rules: ValidationRules) -> Checked:
-    """Validate ``key``; never raises for a bad file (a bad file is a rejection, not a crash)."""
+    """Validate ``key``; never raises for a bad file (a bad file is a rejection, not a crash).
+
+    Every listed file is read, whatever its name: a file whose bytes start as an accepted format is
+    validated as an image (kept with ``extension_mismatch``, or ``truncated`` when cut), so a crawl
+    that saved a PNG as ``.txt`` or without an extension loses nothing. Only files whose bytes are no
+    accepted format are rejected for their extension."""
     uri = store.url_for(key)
     ext = extension_of(key)
-    if ext not in rules.extension_formats:
-        allowed = ", ".join(sorted(rules.extension_formats))
-        return Checked(key, uri, reasons.UNSUPPORTED_EXTENSION, f"extension {ext!r} is not one of: {allowed}")
     try:
         data = store.read(key)
     except StoreUnavailableError:
         raise  # the store is down, not the file bad: stop the run rather than reject what is left
     except Exception as exc:  # any other store failure (missing, permissions) rejects just this file
         return Checked(key, uri, reasons.UNREADABLE, _short(exc))
+    if ext not in rules.extension_formats and sniff_format(data) not in rules.decoders:
+        # Another extension (or none) holding no accepted image: a sidecar, a text file, a video.
+        allowed = ", ".join(sorted(rules.extension_formats))
+        message = f"extension {ext!r} is not one of: {allowed}, and the bytes are no accepted image format"
+        return Checked(key, uri, reasons.UNSUPPORTED_EXTENSION, message, bytes=len(data))
     if not data:
         return Checked(key, uri, reasons.ZERO_BYTES, "the file is empty", bytes=0)
     digest = hashlib.sha256(data).hexdigest()
@@ -238,7 +245,7 @@ def _decode(base: Checked, data: bytes, ext: str, rules: ValidationRules) -> Che
     with image:
         width, height = image.size
         fmt = image.format or ""
-        mismatch = fmt not in rules.extension_formats[ext]
+        mismatch = fmt not in rules.extension_formats.get(ext, ())
         seen = dataclasses.replace(base, width=width, height=height, format=fmt, mode=image.mode,
                                    extension_mismatch=mismatch)
         if width * height > rules.max_pixels:
