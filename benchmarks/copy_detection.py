@@ -79,13 +79,17 @@ class Domain:
 # ------------------------------------------------------------------------------- the domains
 
 
+def fashion_pool_rows(n_images: int, pool_size: int, seed: int) -> np.ndarray:
+    """The Fashion-MNIST train rows the fashion domain uses (sorted): trainers of a descriptor leave them out."""
+    return np.sort(np.random.default_rng(seed).choice(n_images, size=min(pool_size, n_images), replace=False))
+
+
 def fashion_domain(pool_size: int, seed: int) -> Domain:
     from components.data import fashion_mnist
 
     folder = fashion_mnist.locate(fashion_mnist.INSTALLED_DATA_DIR, Path("/nonexistent"), allow_fetch=False)
     images = fashion_mnist.load_split(folder, "train").images  # (60000, 28, 28) uint8
-    chosen = np.sort(np.random.default_rng(seed).choice(len(images), size=min(pool_size, len(images)),
-                                                        replace=False))
+    chosen = fashion_pool_rows(len(images), pool_size, seed)
     return Domain("fashion-mnist", f"{len(chosen)} Fashion-MNIST train images, 28x28 grey",
                   [Image.fromarray(images[i], mode="L") for i in chosen])
 
