@@ -42,6 +42,7 @@ from components.data import fashion_mnist  # noqa: E402
 from components.evaluate.features import extract_features, fashion_mnist_batches, pixel_features  # noqa: E402
 from components.evaluate.knn import knn_classify  # noqa: E402
 from components.ssl.meta_arch import SSLMetaArch, resolve_precision  # noqa: E402
+from components.ssl.monitoring import uniform_entropy  # noqa: E402
 from components.train.config import PretrainConfig, load_pretrain_config  # noqa: E402
 from components.train.distributed import DistEnv  # noqa: E402
 from components.train.engine import DataStream, ModelRecipe, collate_step, run_pretraining, schedules_for  # noqa: E402
@@ -50,6 +51,7 @@ from components.train.engine import DataStream, ModelRecipe, collate_step, run_p
 # LayerScale 0.1), measured by hand with this protocol (../shared/docs/environment.md).
 OFFICIAL_ANCHORS = [{"minutes": 10, "knn_top1": 0.639}, {"minutes": 25, "knn_top1": 0.671}]
 VAL_REFERENCES = 50_000
+MONITOR_EVERY = 25  # steps between two samples of the teacher-entropy / feature-std monitors in the JSON
 K, TEMPERATURE = 20, 0.07
 
 
@@ -135,6 +137,9 @@ class Evaluator:
         return time.perf_counter() - self.start - self.paused
 
     def __call__(self, steps_done: int, model: SSLMetaArch) -> bool:
+        if steps_done % MONITOR_EVERY == 0:  # the collapse monitors: ln K teacher entropy = a dead DINO head
+            monitors = {k: round(v, 4) for k, v in model.last_step_monitors().items()}
+            self.record.setdefault("monitors", []).append({"step": steps_done, **monitors})
         trained = self.training_seconds()
         if not self.marks or trained < self.marks[0] * 60:
             return False
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "python": platform.python_version()},
         "curve": [],
+        "uniform_teacher_entropy": round(uniform_entropy(cfg.objective.dino.head.n_prototypes), 4),
         "config": to_mapping(cfg),
     }
     del random_init

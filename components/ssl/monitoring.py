@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,3 +34,32 @@ def normalized_feature_std(features: Tensor) -> float:
 
 def uniform_entropy(n_prototypes: int) -> float:
     return math.log(n_prototypes)
+
+
+@dataclass
+class UniformTargetsWatch:
+    """Says once when the DINO teacher's targets are still uniform after they should have left it.
+
+    Uniform targets (entropy ln K, within ``tolerance`` nats) mean the CLS objective teaches nothing:
+    the student is only pulled towards a constant output. It is normal for the first steps (a fresh
+    head maps every image alike); past ``after_step`` (the end of the teacher-temperature warm-up) it
+    is the dead head that kept the CPU preset at 77-78% until its teacher settings changed
+    (docs/cpu-preset.md). Short runs with the official momentum and temperatures are the usual cause.
+    """
+
+    n_prototypes: int
+    after_step: int
+    tolerance: float = 0.01
+    warned: bool = False
+
+    def check(self, step: int, teacher_entropy: float | None) -> str | None:
+        """A warning text the first time ``teacher_entropy`` is uniform past ``after_step``, else None."""
+        if self.warned or teacher_entropy is None or step < self.after_step:
+            return None
+        uniform = uniform_entropy(self.n_prototypes)
+        if teacher_entropy < uniform - self.tolerance:
+            return None
+        self.warned = True
+        return (f"step {step}: the DINO teacher targets are still uniform (entropy {teacher_entropy:.4f} = ln K "
+                f"{uniform:.4f}): the CLS objective gives no signal. Short runs need a faster teacher "
+                "(lower objective.teacher.momentum_teacher, lower teacher temperatures; docs/cpu-preset.md)")

@@ -45,6 +45,7 @@ from components.data.sampler import InfiniteShardedSampler
 from components.data.step_masks import N_GLOBAL_CROPS, rank_offsets, step_masks
 from components.models.pretrained import load_pretrained_backbone
 from components.ssl.meta_arch import SSLMetaArch
+from components.ssl.monitoring import UniformTargetsWatch
 from components.ssl.param_groups import apply_schedules
 from components.ssl.schedules import TrainingSchedules, build_schedules, scaled_lr
 from components.storage import ObjectStore, StoreLocator
@@ -298,6 +299,8 @@ def training_loop(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTr
     stream.seek(start, position)
     schedules = schedules_for(cfg, stream.global_batch)
     end = total if cfg.run.max_steps <= 0 else min(total, start + cfg.run.max_steps)
+    uniform_watch = UniformTargetsWatch(cfg.objective.dino.head.n_prototypes,
+                                        after_step=min(cfg.objective.teacher.warmup_teacher_temp_iters, total))
     # Under FSDP the counting forward all-gathers parameters, a collective: every rank must run it.
     image_flops = flops_per_image(model, cfg.crops.global_crops_size, cfg.crops.local_crops_size,
                                   cfg.crops.local_crops_number, env.device) if env.is_main or fsdp else 0.0
@@ -345,7 +348,11 @@ def training_loop(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTr
             images_per_second = steps_since_tick * stream.global_batch / max(now - tick, 1e-9)
             data_wait_share = wait_since_tick / max(now - tick, 1e-9)
             tick, steps_since_tick, wait_since_tick = now, 0, 0.0
-            metrics = {**result.last_losses, **values, **model.last_step_monitors(),
+            monitors = model.last_step_monitors()
+            dead_head = uniform_watch.check(step + 1, monitors.get("teacher_entropy"))
+            if dead_head:
+                log.warning(dead_head)
+            metrics = {**result.last_losses, **values, **monitors,
                        "images_per_second": images_per_second, "data_wait_share": data_wait_share,
                        "skipped_images": float(result.skipped_images),
                        **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
