@@ -219,14 +219,14 @@ REPORT_METRICS = ("knn_top1_k20", "knn_top5_k20", "linear_top1", "logreg_top1", 
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from components.evaluate.report import read_eval_table
+    from components.evaluate.report import read_eval_report
     from components.stages.context import make_context
     from components.stages.evaluate import load_evaluate_config
 
     context = make_context(args.project)
     cfg = load_evaluate_config(context.root / args.params)
     print(f"Evaluation of {cfg.model} ({cfg.metrics_path}):\n")
-    print(read_eval_table(context.root / cfg.metrics_path, REPORT_METRICS))
+    print(read_eval_report(context.root / cfg.metrics_path, REPORT_METRICS))
     from components.registry.commands import list_models
     from components.tracking import configure
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from components.evaluate.report import HEADLINE_METRIC, baseline_verdict
 from flows.common import with_alias
 from flows.stage_task import io_stage_task
 
@@ -30,8 +31,12 @@ def evaluation_markdown(outputs: dict[str, object]) -> str:
     assert isinstance(metrics, dict)
     champion_metrics = champion["metrics"] if isinstance(champion, dict) else None
     against = f" Champion: version {champion['version']}." if isinstance(champion, dict) else ""
+    headline = metrics.get(HEADLINE_METRIC)
+    verdict = "" if headline is None else "\n" + baseline_verdict(headline, {
+        b: metrics[f"{b}.{HEADLINE_METRIC}"] for b in BASELINES if f"{b}.{HEADLINE_METRIC}" in metrics}) + "\n"
     return (f"## Evaluation of `{outputs['model']}`{version}\n\nFashion-MNIST subset; MLflow run "
-            f"`{outputs['mlflow_run_id']}`.{against}\n\n" + comparison_table(metrics, champion_metrics) + "\n")
+            f"`{outputs['mlflow_run_id']}`.{against}\n\n" + comparison_table(metrics, champion_metrics) + "\n"
+            + verdict)
 
 
 @flow(name="evaluate", log_prints=True)

@@ -89,6 +89,7 @@ def test_report_prints_the_evaluation_table_and_ui_hints(tmp_path: Path, capsys:
     assert main(["report"]) == 0
     out = capsys.readouterr().out
     assert "| knn_top1_k20 | 0.5000 | 0.7000 |" in out and "make mlflow-ui" in out
+    assert "knn_top1_k20 0.5000: 20.0 points short of pixels (raw pixels)." in out
     (tmp_path / "out" / "eval.json").unlink()
     assert main(["report"]) == 2
     assert "dvc repro evaluate" in capsys.readouterr().err

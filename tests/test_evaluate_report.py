@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from components.evaluate.report import eval_table, read_eval_table, split_baselines
+from components.evaluate.report import (
+    baseline_verdict,
+    eval_table,
+    read_eval_report,
+    read_eval_table,
+    split_baselines,
+    verdict_of,
+)
 
 FLAT = {
     "knn_top1_k20": 0.43, "linear_top1": 0.59, "retrieval_map": 0.21,
@@ -46,3 +53,16 @@ def test_selected_metrics_and_missing_file(tmp_path: Path) -> None:
     assert table.splitlines()[2:] == ["| linear_top1 | 0.5900 | 0.5600 | 0.8000 |"]
     with pytest.raises(FileNotFoundError, match="dvc repro evaluate"):
         read_eval_table(tmp_path / "none.json")
+
+
+def test_the_verdict_says_by_how_much_the_model_beats_or_misses_each_baseline(tmp_path: Path) -> None:
+    text = baseline_verdict(0.7234, {"pixels": 0.746, "random_no_layerscale": 0.568, "random_init": 0.118})
+    assert text == ("knn_top1_k20 0.7234: +60.5 points vs random_init (untrained, same init); "
+                    "+15.5 points vs random_no_layerscale (random features); 2.3 points short of pixels (raw pixels).")
+    assert baseline_verdict(0.5, {}) == "knn_top1_k20 0.5000: no baseline measured."
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(FLAT))
+    report = read_eval_report(path, ("knn_top1_k20",))
+    assert report.splitlines()[-1] == ("knn_top1_k20 0.4300: +2.0 points vs random_init (untrained, same init); "
+                                       "32.0 points short of pixels (raw pixels).")
+    assert verdict_of({"linear_top1": 0.5}) is None  # no headline metric: no sentence

@@ -42,8 +42,49 @@ def eval_table(flat: Mapping[str, float], metrics: tuple[str, ...] | None = None
     return "\n".join(lines)
 
 
+HEADLINE_METRIC = "knn_top1_k20"
+BASELINE_MEANING = {"random_init": "untrained, same init", "random_no_layerscale": "random features",
+                    "pixels": "raw pixels"}
+
+
+def baseline_verdict(model_value: float, baseline_values: Mapping[str, float], metric: str = HEADLINE_METRIC) -> str:
+    """One plain sentence: by how many points (of a fraction metric) the model beats or misses each baseline.
+
+    The table shows the numbers; this says what they mean, so a run that falls short of raw pixels says
+    so by how much instead of leaving the subtraction to the reader."""
+    parts = []
+    known = [b for b in BASELINE_COLUMNS if b in baseline_values]
+    for name in known + sorted(set(baseline_values) - set(BASELINE_COLUMNS)):
+        points = 100 * (model_value - baseline_values[name])
+        label = f"{name} ({BASELINE_MEANING[name]})" if name in BASELINE_MEANING else name
+        parts.append(f"{points:+.1f} points vs {label}" if points >= 0
+                     else f"{-points:.1f} points short of {label}")
+    if not parts:
+        return f"{metric} {model_value:.4f}: no baseline measured."
+    return f"{metric} {model_value:.4f}: " + "; ".join(parts) + "."
+
+
+def verdict_of(flat: Mapping[str, float], metric: str = HEADLINE_METRIC) -> str | None:
+    """:func:`baseline_verdict` for the flat ``metrics/eval.json`` keys; None when the model lacks ``metric``."""
+    model, baselines = split_baselines(flat)
+    if metric not in model:
+        return None
+    return baseline_verdict(model[metric], {b: v[metric] for b, v in baselines.items() if metric in v}, metric)
+
+
 def read_eval_table(path: Path, metrics: tuple[str, ...] | None = None) -> str:
     """The table for the metrics file at ``path`` (FileNotFoundError names the stage to run)."""
+    return eval_table(_read_flat(path), metrics)
+
+
+def read_eval_report(path: Path, metrics: tuple[str, ...] | None = None) -> str:
+    """What ``dinoflow report`` prints: the table, then the headline metric against each baseline in words."""
+    flat = _read_flat(path)
+    verdict = verdict_of(flat)
+    return eval_table(flat, metrics) + (f"\n\n{verdict}" if verdict else "")
+
+
+def _read_flat(path: Path) -> dict[str, float]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist yet: run `dvc repro evaluate` or `dinoflow evaluate`")
-    return eval_table(json.loads(path.read_text()), metrics)
+    return {k: float(v) for k, v in json.loads(path.read_text()).items()}
