@@ -100,35 +100,29 @@ def validate(folder: Path, images: list[Image.Image], n_copies: int, image_size:
     return out
 
 
+# The CopyDescriptorConfig fields this command exposes as flags (--batch-size for batch_size, ...).
+CONFIG_FLAGS = ("steps", "batch_size", "image_size", "patch_size", "embed_dim", "depth", "num_heads", "lr",
+                "warmup_steps", "temperature", "koleo_weight", "identity_view_prob", "seed")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = CopyDescriptorConfig()
+    for name in CONFIG_FLAGS:
+        default = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+
+
 def config_from(args: argparse.Namespace) -> CopyDescriptorConfig:
-    return CopyDescriptorConfig(image_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
-                                depth=args.depth, num_heads=args.num_heads, batch_size=args.batch_size,
-                                steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                                temperature=args.temperature, koleo_weight=args.koleo_weight,
-                                identity_view_prob=args.identity_view_prob, seed=args.seed,
-                                num_threads=args.threads)
+    return CopyDescriptorConfig(**{name: getattr(args, name) for name in CONFIG_FLAGS}, num_threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = CopyDescriptorConfig()
     parser.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split to train on")
     parser.add_argument("--benchmark-pool-size", type=int, default=3000, help="copy_detection.py --pool-size")
     parser.add_argument("--benchmark-seed", type=int, default=0, help="copy_detection.py --seed")
     parser.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget of the training loop")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--patch-size", type=int, default=defaults.patch_size)
-    parser.add_argument("--embed-dim", type=int, default=defaults.embed_dim)
-    parser.add_argument("--depth", type=int, default=defaults.depth)
-    parser.add_argument("--num-heads", type=int, default=defaults.num_heads)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--koleo-weight", type=float, default=defaults.koleo_weight)
-    parser.add_argument("--identity-view-prob", type=float, default=defaults.identity_view_prob)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_config_flags(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on a shared machine)")
     parser.add_argument("--val-size", type=int, default=2000, help="held-out validation pool")
     parser.add_argument("--val-copies", type=int, default=1000, help="validation images that get a copy")
