@@ -99,6 +99,28 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert got[2] == expected[2]
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_state_saved_twice_gives_byte_identical_folders(tmp_path: Path) -> None:
+    """DVC hashes checkpoint folders: no clock, save id or temporary path may leak into them."""
+    model, optimizer = trained(0)
+    torch.manual_seed(3)
+    extra = {"scheduler_step": 12, "rng": capture_rng_state()}
+    first = save_checkpoint(tmp_path / "a", 5, state_of(model, optimizer, extra))
+    second = save_checkpoint(tmp_path / "b", 5, state_of(model, optimizer, extra))
+    first_bytes, second_bytes = folder_bytes(first), folder_bytes(second)
+    assert {".metadata", "COMMITTED"} <= set(first_bytes)
+    assert first_bytes == second_bytes
+    assert str(tmp_path).encode() not in first_bytes[".metadata"]
+    load_checkpoint(second, state_of(*trained(9), {}))  # still a loadable checkpoint
+
+    model.get_buffer("center").add_(1.0)  # and a different state does hash differently
+    third = save_checkpoint(tmp_path / "c", 5, state_of(model, optimizer, extra))
+    assert folder_bytes(third) != first_bytes
+
+
 def test_top_level_tensor_loads_in_place_and_missing_key_fails(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, 1, {"ema": torch.arange(4.0), "step": 1})
     target = torch.zeros(4)

@@ -53,6 +53,12 @@ def trained_weights(manifest: Path, output: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def checkpoint_bytes(output: Path) -> dict[str, bytes]:
+    """Every file of the checkpoints folder (a DVC output of the pretrain stage), by relative path."""
+    folder = output / "checkpoints"
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
 def test_deterministic_runs_end_with_identical_weights(tmp_path: Path, two_torch_threads: None) -> None:
     manifest = write_pool(tmp_path, n=64, corrupt=False)
@@ -61,6 +67,11 @@ def test_deterministic_runs_end_with_identical_weights(tmp_path: Path, two_torch
     assert first.keys() == second.keys()
     differing = [k for k in first if not torch.equal(first[k], second[k])]
     assert not differing, f"{len(differing)} tensors differ between two identical runs, e.g. {differing[:3]}"
+    # Same weights must mean the same checkpoint bytes too, or dvc.lock changes after every demo.
+    first_files, second_files = checkpoint_bytes(tmp_path / "a"), checkpoint_bytes(tmp_path / "b")
+    assert any(name.endswith("/COMMITTED") for name in first_files)
+    assert first_files.keys() == second_files.keys()
+    assert not [name for name in first_files if first_files[name] != second_files[name]]
     assert not torch.are_deterministic_algorithms_enabled(), "the run must restore the process's setting"
 
 

@@ -2,9 +2,11 @@
 
 Layout and commit protocol (docs/checkpoints.md): every rank writes its DCP shards into a hidden
 ``.step_NNNNNNNNN.tmp-<id>`` folder; after a barrier rank 0 writes the ``COMMITTED`` marker (step,
-time, world size, format version, every file with its size) and renames the folder to
+world size, format version, every file with its size) and renames the folder to
 ``step_NNNNNNNNN``. A reader trusts only folders whose marker parses and whose listed files exist
 with the recorded sizes, so a crash at any point leaves either the previous checkpoint or the new one.
+The same state saved twice gives byte-identical folders (no clock, no random id, no temp path inside),
+so DVC hashes a checkpoint by what it holds.
 
 What goes where in DCP:
 - ``nn.Module`` values and :class:`OptimizerState` wrappers are *collective*: every rank contributes
@@ -26,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -252,7 +253,8 @@ def list_files(folder: Path) -> dict[str, int]:
 
 
 def write_marker(folder: Path, step: int) -> None:
-    marker = {"format_version": FORMAT_VERSION, "step": step, "time": time.time(),
+    # No save time: the marker must hash the same for the same weights (DVC, fresh-clone demos).
+    marker = {"format_version": FORMAT_VERSION, "step": step,
               "world_size": world_size(), "files": list_files(folder)}
     temp = folder / f".{MARKER_NAME}.part"
     with open(temp, "w", encoding="utf-8") as handle:
@@ -325,6 +327,18 @@ def publish(temp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+class ReproducibleWriter(dcp.FileSystemWriter):
+    """DCP's file writer without its per-save identity in ``.metadata``.
+
+    The stock writer pickles a random ``save_id`` and the path it wrote to (here the temporary
+    folder, whose name is random) into ``.metadata``; nothing reads them back on load, and they make
+    two saves of the same state differ.
+    """
+
+    def storage_meta(self) -> None:
+        return None
+
+
 # --- public API ----------------------------------------------------------------------------------
 
 
@@ -389,7 +403,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     dcp_state: dict[str, Any] = {**collective, **extra_state(state, collective)}
     try:
         with quiet_single_process():
-            dcp.save(dcp_state, storage_writer=dcp.FileSystemWriter(temp, sync_files=True))
+            dcp.save(dcp_state, storage_writer=ReproducibleWriter(temp, sync_files=True))
         barrier()  # every rank's shards are on disk before the marker vouches for them
         if rank() == 0:
             write_marker(temp, step)
