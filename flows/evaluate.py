@@ -5,24 +5,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from components.evaluate.report import HEADLINE_METRIC, baseline_verdict
+from components.evaluate.report import stage_table, stage_verdict
 from flows.common import with_alias
 from flows.stage_task import io_stage_task
-
-BASELINES = ("random_init", "random_no_layerscale", "pixels")
-
-
-def comparison_table(metrics: dict[str, float], champion: dict[str, float] | None = None) -> str:
-    """One row per metric, one column for the model, each baseline present and the champion if given."""
-    columns = ["model", *[b for b in BASELINES if any(k.startswith(f"{b}.") for k in metrics)]]
-    lookup = {**metrics, **{f"champion.{k}": v for k, v in (champion or {}).items()}}
-    if champion:
-        columns.append("champion")
-    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for key in (k for k in metrics if "." not in k):
-        cells = [lookup.get(key if c == "model" else f"{c}.{key}") for c in columns]
-        lines.append(f"| {key} | " + " | ".join("" if v is None else f"{v:.4f}" for v in cells) + " |")
-    return "\n".join(lines)
 
 
 def evaluation_markdown(outputs: dict[str, object]) -> str:
@@ -31,11 +16,10 @@ def evaluation_markdown(outputs: dict[str, object]) -> str:
     assert isinstance(metrics, dict)
     champion_metrics = champion["metrics"] if isinstance(champion, dict) else None
     against = f" Champion: version {champion['version']}." if isinstance(champion, dict) else ""
-    headline = metrics.get(HEADLINE_METRIC)
-    verdict = "" if headline is None else "\n" + baseline_verdict(headline, {
-        b: metrics[f"{b}.{HEADLINE_METRIC}"] for b in BASELINES if f"{b}.{HEADLINE_METRIC}" in metrics}) + "\n"
+    sentence = stage_verdict(metrics)
+    verdict = "" if sentence is None else f"\n{sentence}\n"
     return (f"## Evaluation of `{outputs['model']}`{version}\n\nFashion-MNIST subset; MLflow run "
-            f"`{outputs['mlflow_run_id']}`.{against}\n\n" + comparison_table(metrics, champion_metrics) + "\n"
+            f"`{outputs['mlflow_run_id']}`.{against}\n\n" + stage_table(metrics, champion_metrics) + "\n"
             + verdict)
 
 

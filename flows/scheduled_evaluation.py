@@ -10,10 +10,10 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from components.evaluate.report import stage_table
 from components.stages.context import make_context
 from components.stages.evaluate import EvaluationFailed, load_evaluate_config, run_promotion
 from flows.common import prefect_tags
-from flows.evaluate import comparison_table
 
 FLOW_NAME = "scheduled-evaluation"
 
@@ -46,9 +46,9 @@ def decision_markdown(summary: dict[str, object]) -> str:
     lines.append("")
     lines += [f"- {reason}" for reason in reasons]
     if "challenger" in metrics:
-        lines += ["", comparison_table(metrics["challenger"], metrics.get("champion"))]
+        lines += ["", stage_table(metrics["challenger"], metrics.get("champion"))]
     elif "champion" in metrics:
-        lines += ["", comparison_table(metrics["champion"])]
+        lines += ["", stage_table(metrics["champion"])]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,8 @@ from components.evaluate.report import (
     read_eval_report,
     read_eval_table,
     split_baselines,
+    stage_table,
+    stage_verdict,
     verdict_of,
 )
 
@@ -66,3 +68,21 @@ def test_the_verdict_says_by_how_much_the_model_beats_or_misses_each_baseline(tm
     assert report.splitlines()[-1] == ("knn_top1_k20 0.4300: +2.0 points vs random_init (untrained, same init); "
                                        "32.0 points short of pixels (raw pixels).")
     assert verdict_of({"linear_top1": 0.5}) is None  # no headline metric: no sentence
+
+
+STAGE = {"knn_top1_k20": 0.43, "linear_top1": 0.59, "pixels.knn_top1_k20": 0.75, "random_init.knn_top1_k20": 0.41,
+         "random_init.linear_top1": 0.56, "pixels.linear_top1": 0.8, "retrieval_map": 0.21}
+
+
+def test_a_stage_result_gives_the_same_table_and_verdict_as_its_metrics_file() -> None:
+    """The CLI (eval.json) and the Prefect artifact (the stage's dotted keys) print one table shape."""
+    assert stage_table(STAGE) == eval_table(FLAT)
+    assert stage_verdict(STAGE) == verdict_of(FLAT)
+    assert stage_verdict({"linear_top1": 0.5}) is None
+
+
+def test_the_champion_column_comes_last_with_blanks_where_it_lacks_a_metric() -> None:
+    lines = stage_table(STAGE, champion={"knn_top1_k20": 0.4}).splitlines()
+    assert lines[0] == "| metric | model | random_init | pixels | champion |"
+    assert "| knn_top1_k20 | 0.4300 | 0.4100 | 0.7500 | 0.4000 |" in lines
+    assert "| linear_top1 | 0.5900 | 0.5600 | 0.8000 |  |" in lines

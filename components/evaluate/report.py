@@ -30,16 +30,40 @@ def split_baselines(flat: Mapping[str, float]) -> tuple[dict[str, float], dict[s
     return model, baselines
 
 
-def eval_table(flat: Mapping[str, float], metrics: tuple[str, ...] | None = None) -> str:
-    """A markdown table: one row per model metric (all, or ``metrics``), the model then each baseline."""
-    model, baselines = split_baselines(flat)
+def split_dotted(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(model metrics, {baseline: metrics}) from a stage result's keys (``knn_top1_k20``, ``pixels.knn_top1_k20``)."""
+    model = {k: float(v) for k, v in metrics.items() if "." not in k}
+    baselines: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        name, dot, rest = key.partition(".")
+        if dot:
+            baselines.setdefault(name, {})[rest] = float(value)
+    return model, baselines
+
+
+def metrics_table(model: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]],
+                  champion: Mapping[str, float] | None = None, metrics: tuple[str, ...] | None = None) -> str:
+    """A markdown table: one row per model metric (all, or ``metrics``), the model, each baseline, the champion."""
     names = [b for b in BASELINE_COLUMNS if b in baselines] + sorted(set(baselines) - set(BASELINE_COLUMNS))
+    columns: list[tuple[str, Mapping[str, float]]] = [(b, baselines[b]) for b in names]
+    if champion:
+        columns.append(("champion", champion))
     rows = [m for m in (metrics or tuple(sorted(model))) if m in model]
-    lines = ["| metric | model | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines = ["| metric | model | " + " | ".join(c for c, _ in columns) + " |", "|---|---|" + "---|" * len(columns)]
     for key in rows:
-        cells = [f"{model[key]:.4f}"] + [f"{baselines[b][key]:.4f}" if key in baselines[b] else "" for b in names]
+        cells = [f"{model[key]:.4f}"] + [f"{values[key]:.4f}" if key in values else "" for _, values in columns]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def eval_table(flat: Mapping[str, float], metrics: tuple[str, ...] | None = None) -> str:
+    """:func:`metrics_table` of the flat ``metrics/eval.json`` keys."""
+    return metrics_table(*split_baselines(flat), metrics=metrics)
+
+
+def stage_table(metrics: Mapping[str, float], champion: Mapping[str, float] | None = None) -> str:
+    """:func:`metrics_table` of an evaluate stage's result (dotted baseline keys), with the champion if given."""
+    return metrics_table(*split_dotted(metrics), champion=champion)
 
 
 HEADLINE_METRIC = "knn_top1_k20"
@@ -66,7 +90,16 @@ def baseline_verdict(model_value: float, baseline_values: Mapping[str, float], m
 
 def verdict_of(flat: Mapping[str, float], metric: str = HEADLINE_METRIC) -> str | None:
     """:func:`baseline_verdict` for the flat ``metrics/eval.json`` keys; None when the model lacks ``metric``."""
-    model, baselines = split_baselines(flat)
+    return grouped_verdict(*split_baselines(flat), metric=metric)
+
+
+def stage_verdict(metrics: Mapping[str, float], metric: str = HEADLINE_METRIC) -> str | None:
+    """:func:`baseline_verdict` for an evaluate stage's result (dotted baseline keys)."""
+    return grouped_verdict(*split_dotted(metrics), metric=metric)
+
+
+def grouped_verdict(model: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]],
+                    metric: str = HEADLINE_METRIC) -> str | None:
     if metric not in model:
         return None
     return baseline_verdict(model[metric], {b: v[metric] for b, v in baselines.items() if metric in v}, metric)
