@@ -25,7 +25,7 @@ from components.data.manifest_dataset import (
 )
 from components.data.multicrop import DataAugmentationDINO, fashion_mnist_config
 from components.data.sampler import InfiniteShardedSampler, epoch_permutation
-from components.storage import LocalObjectStore
+from components.storage import LocalObjectStore, StoreUnavailableError
 from components.storage.atomic import write_parquet_atomic
 
 # ---------------------------------------------------------------- sampler
@@ -208,6 +208,17 @@ def test_dataset_decodes_good_images_and_marks_bad_ones(manifest: pl.DataFrame, 
     # Epoch-tagged indices read the same image with another seed.
     tagged = dataset[10 + 2]
     assert torch.equal(tagged["pixels"], items[2]["pixels"]) and int(tagged["seed"]) == seed_for(3, 12)
+
+
+def test_a_store_outage_past_its_retry_budget_stops_the_run_instead_of_skipping(manifest: pl.DataFrame) -> None:
+    """An unreachable store says nothing about the image: skipping would train on a silently smaller
+    set (or on nothing), so the error reaches the loop, and a rerun resumes from the last checkpoint."""
+    def store_down(uri: str) -> bytes:
+        raise StoreUnavailableError(f"the store kept failing while reading {uri}")
+
+    dataset = ManifestImageDataset(manifest, tiny_transform, read_bytes=store_down)
+    with pytest.raises(StoreUnavailableError, match="kept failing"):
+        dataset[0]
 
 
 def test_decompression_bomb_guard_skips(manifest: pl.DataFrame, monkeypatch: pytest.MonkeyPatch) -> None:

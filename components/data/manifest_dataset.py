@@ -16,7 +16,9 @@
 
 Only *data* failures are skipped: ``ObjectNotFoundError``/``OSError`` from reading, and PIL's
 decode errors. Anything else (a credentials error from S3, a bug in the transform) still raises,
-so a misconfigured run fails loudly instead of silently skipping every sample.
+so a misconfigured run fails loudly instead of silently skipping every sample; so does
+``StoreUnavailableError`` (the store kept failing past its retry budget, ``DINOFLOW_S3_RETRY_SECONDS``),
+which says nothing about the image: the run stops and a rerun resumes from the last checkpoint.
 
 The decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) is left on: an image over twice the
 limit is skipped with its reason; one between 1x and 2x passes with PIL's warning.
