@@ -149,9 +149,12 @@ def export_student(cfg: DistillConfig, root: Path, model: object, result: Pretra
     """The student's EMA backbone (the paper's final model, not the raw student) as safetensors + config.json."""
     assert isinstance(model, DistillMetaArch)
     crops = cfg.crops
-    # No run id in the folder (a DVC output: see stages/pretrain.py export_teacher).
+    # No run id and no registry version number in the folder: it is a DVC output, and the same weights must
+    # give the same files whichever version number the teacher got in this store (stages/pretrain.py
+    # export_teacher). The teacher is named by its weights' fingerprint; the version stays on the tags.
+    folder_lineage = {k: v for k, v in lineage.items() if k != f"{TAG_PREFIX}teacher_version"}
     metadata: dict[str, Any] = {"step": result.end_step,
-                                "global_crops_size": crops.global_crops_size, **lineage}
+                                "global_crops_size": crops.global_crops_size, **folder_lineage}
     return save_backbone(model.backbone("teacher"), cfg.backbone, root / cfg.run.output_dir / "backbone",
                          mean=crops.normalize_mean, std=crops.normalize_std, metadata=metadata)
 
