@@ -37,6 +37,7 @@ def is_tracked(path: str, tracked: set[str]) -> bool:
 
 def stale_dependencies(root: Path) -> list[str]:
     """'stage: path (what is wrong)' for each git-tracked dependency whose hash or values differ from the lock."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
     from dvc.utils.serialize import load_yaml
 
@@ -57,7 +58,7 @@ def stale_dependencies(root: Path) -> list[str]:
                     continue  # data and upstream outputs: not in git
                 dep.save()
                 value = dep.hash_info.value
-                if type(dep).__name__ == "ParamsDependency":
+                if isinstance(dep, ParamsDependency):
                     if value != recorded.get("params", {}).get(path):
                         stale.append(f"{stage.name}: {path} (params differ from the lock)")
                 elif md5s.get(path) != value:

@@ -17,6 +17,7 @@ from components.config import from_mapping
 from components.train.config import PretrainConfig
 from components.train.determinism import deterministic_algorithms
 from components.train.engine import run_pretraining
+from tests.test_checkpoint import folder_bytes
 from tests.test_pretrain_engine import CPU, write_pool
 
 
@@ -55,8 +56,7 @@ def trained_weights(manifest: Path, output: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_bytes(output: Path) -> dict[str, bytes]:
     """Every file of the checkpoints folder (a DVC output of the pretrain stage), by relative path."""
-    folder = output / "checkpoints"
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return folder_bytes(output / "checkpoints")
 
 
 @pytest.mark.slow

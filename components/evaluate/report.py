@@ -30,15 +30,15 @@ def split_baselines(flat: Mapping[str, float]) -> tuple[dict[str, float], dict[s
     return model, baselines
 
 
-def split_dotted(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """(model metrics, {baseline: metrics}) from a stage result's keys (``knn_top1_k20``, ``pixels.knn_top1_k20``)."""
-    model = {k: float(v) for k, v in metrics.items() if "." not in k}
-    baselines: dict[str, dict[str, float]] = {}
+def eval_json(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Flat keys for DVC from an evaluate stage's result: the model's as is, a baseline's
+    ``random_init.knn_top1_k20`` as ``baseline_random_init_knn_top1_k20`` (no dots, which DVC would
+    read as nesting). :func:`split_baselines` is its inverse."""
+    out: dict[str, float] = {}
     for key, value in metrics.items():
-        name, dot, rest = key.partition(".")
-        if dot:
-            baselines.setdefault(name, {})[rest] = float(value)
-    return model, baselines
+        name = BASELINE_PREFIX + key.replace(".", "_") if "." in key else key
+        out[name] = round(float(value), 6)
+    return out
 
 
 def metrics_table(model: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]],
@@ -63,7 +63,7 @@ def eval_table(flat: Mapping[str, float], metrics: tuple[str, ...] | None = None
 
 def stage_table(metrics: Mapping[str, float], champion: Mapping[str, float] | None = None) -> str:
     """:func:`metrics_table` of an evaluate stage's result (dotted baseline keys), with the champion if given."""
-    return metrics_table(*split_dotted(metrics), champion=champion)
+    return metrics_table(*split_baselines(eval_json(metrics)), champion=champion)
 
 
 HEADLINE_METRIC = "knn_top1_k20"
@@ -90,19 +90,15 @@ def baseline_verdict(model_value: float, baseline_values: Mapping[str, float], m
 
 def verdict_of(flat: Mapping[str, float], metric: str = HEADLINE_METRIC) -> str | None:
     """:func:`baseline_verdict` for the flat ``metrics/eval.json`` keys; None when the model lacks ``metric``."""
-    return grouped_verdict(*split_baselines(flat), metric=metric)
-
-
-def stage_verdict(metrics: Mapping[str, float], metric: str = HEADLINE_METRIC) -> str | None:
-    """:func:`baseline_verdict` for an evaluate stage's result (dotted baseline keys)."""
-    return grouped_verdict(*split_dotted(metrics), metric=metric)
-
-
-def grouped_verdict(model: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]],
-                    metric: str = HEADLINE_METRIC) -> str | None:
+    model, baselines = split_baselines(flat)
     if metric not in model:
         return None
     return baseline_verdict(model[metric], {b: v[metric] for b, v in baselines.items() if metric in v}, metric)
+
+
+def stage_verdict(metrics: Mapping[str, float], metric: str = HEADLINE_METRIC) -> str | None:
+    """:func:`verdict_of` for an evaluate stage's result (dotted baseline keys)."""
+    return verdict_of(eval_json(metrics), metric)
 
 
 def read_eval_table(path: Path, metrics: tuple[str, ...] | None = None) -> str:

@@ -45,6 +45,7 @@ from components.evaluate.knn import knn_evaluate
 from components.evaluate.linear import linear_probe, logreg_probe
 from components.evaluate.pca_picture import evaluate_pca_picture
 from components.evaluate.promotion import Decision, PromotionPolicy, decide
+from components.evaluate.report import eval_json
 from components.evaluate.retrieval import RetrievalConfig, evaluate_retrieval
 from components.models.builders import build_backbone
 from components.models.export import BackboneBundle
@@ -77,7 +78,6 @@ __all__ = [
 ]
 
 NUM_CLASSES = len(fashion_mnist.CLASS_NAMES)
-BASELINE_PREFIX = "baseline_"
 
 
 @dataclass(frozen=True)
@@ -323,16 +323,6 @@ def protocols(train: FeatureSet, test: FeatureSet, data: EvalData, cfg: Evaluate
 
 def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}.{key}": value for key, value in metrics.items()}
-
-
-def eval_json(metrics: dict[str, float]) -> dict[str, float]:
-    """Flat keys for DVC: the model's as is, a baseline's ``random_init.knn_top1_k20`` as
-    ``baseline_random_init_knn_top1_k20`` (no dots, which DVC would read as nesting)."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = BASELINE_PREFIX + key.replace(".", "_") if "." in key else key
-        out[name] = round(float(value), 6)
-    return out
 
 
 def knn_sweep(metrics: dict[str, float], ks: list[int]) -> list[dict[str, float]]:
