@@ -330,4 +330,43 @@ def test_checkpointer_saves_when_due_and_on_the_last_step(tmp_path: Path) -> Non
     from components.train.checkpointer import CheckpointMismatchError
 
     with pytest.raises(CheckpointMismatchError, match="another backbone or head"):
-        Checkpointer(model, optimizer, env, tmp_path / "ckpt", CheckpointConfig(), "arch-b", seed=0).load()
+        Checkpointer(model, optimizer, env, tmp_path / "ckpt", CheckpointConfig(on_config_change="error"),
+                     "arch-b", seed=0).load()
+    other = Checkpointer(model, optimizer, env, tmp_path / "ckpt", CheckpointConfig(), "arch-b", seed=0)
+    assert other.load() == (0, 0)  # default: the other run is set aside and this one starts over
+    (aside,) = (tmp_path / "ckpt" / "superseded").iterdir()
+    assert [p.name for p in aside.iterdir()] == ["step_000000004"]
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")]
+
+
+def test_checkpointer_compares_the_run_identity_under_each_policy(tmp_path: Path) -> None:
+    from components.ssl.meta_arch import SSLMetaArch
+    from components.train.checkpointer import Checkpointer, CheckpointMismatchError
+    from components.train.config import CheckpointConfig, PretrainConfig
+    from components.train.distributed import DistEnv
+
+    cfg = PretrainConfig()
+    cfg.backbone = dataclasses.replace(cfg.backbone, arch="vit_pico", patch_size=4, img_size=28)
+    cfg.objective.dino.head = cfg.objective.ibot.head = dataclasses.replace(
+        cfg.objective.dino.head, n_prototypes=16, hidden_dim=16, bottleneck_dim=8)
+    model = SSLMetaArch(cfg.backbone, cfg.objective)
+    optimizer = torch.optim.AdamW(model.parameters())
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    folder = tmp_path / "ckpt"
+
+    def checkpointer(identity: dict[str, object], policy: str = "restart") -> Checkpointer:
+        return Checkpointer(model, optimizer, env, folder, CheckpointConfig(on_config_change=policy),  # type: ignore[arg-type]
+                            "arch", seed=0, identity=identity)
+
+    run_a = {"architecture": {"depth": 2}, "objective": {"optim": {"base_lr": 0.004}}}
+    run_b = {"architecture": {"depth": 2}, "objective": {"optim": {"base_lr": 0.008}}}
+    checkpointer(run_a).save(5, 20, last=True)
+    assert checkpointer(run_a).load() == (5, 20)  # the same run resumes
+    with pytest.raises(CheckpointMismatchError, match=r"objective\.optim\.base_lr: 0\.004 -> 0\.008"):
+        checkpointer(run_b, "error").load()
+    assert checkpointer(run_b, "resume").load() == (5, 20)  # the official behaviour, one switch away
+    assert checkpointer(run_b).load() == (0, 0)
+    (aside,) = (folder / "superseded").iterdir()
+    assert [p.name for p in aside.iterdir()] == ["step_000000005"]
+    checkpointer(run_b).save(3, 12, last=True)
+    assert checkpointer(run_b).load() == (3, 12)  # the new run resumes its own checkpoints

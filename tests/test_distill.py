@@ -223,14 +223,18 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tiny_teacher: TinyTeach
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
 
 
-def test_resuming_against_another_teacher_is_refused(tiny_teacher: TinyTeacher, tmp_path: Path) -> None:
+def test_another_teacher_restarts_the_student_or_is_refused(tiny_teacher: TinyTeacher, tmp_path: Path) -> None:
     teacher, mode, cfg = prepared(distill_config(tiny_teacher.manifest, tmp_path / "o", str(tiny_teacher.backbone),
                                                  max_steps=2))
     run_pretraining(cfg, CPU, tiny_teacher.root, recipe=distill_recipe(teacher, mode, cfg.features))
     with torch.no_grad():
         teacher.backbone.cls_token.add_(1.0)  # another teacher: same architecture, other weights
-    with pytest.raises(CheckpointMismatchError):
+    cfg.checkpoint.on_config_change = "error"
+    with pytest.raises(CheckpointMismatchError, match=r"architecture\.teacher"):
         run_pretraining(cfg, CPU, tiny_teacher.root, recipe=distill_recipe(teacher, mode, cfg.features))
+    cfg.checkpoint.on_config_change = "restart"  # the default: a new teacher means a new student, from step 0
+    result, _ = run_pretraining(cfg, CPU, tiny_teacher.root, recipe=distill_recipe(teacher, mode, cfg.features))
+    assert result.start_step == 0 and result.end_step == 2
 
 
 # ---------------------------------------------------------------- the stage, teacher from the registry

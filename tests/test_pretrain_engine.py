@@ -178,17 +178,77 @@ def test_high_resolution_phase_switches_crops_for_the_last_iterations(
     assert result.finished and sizes == [28, 28, 36, 36]
 
 
-def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
+def committed_steps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("step_")) if folder.is_dir() else []
+
+
+def test_a_checkpoint_of_another_architecture_is_set_aside_or_refused(tmp_path: Path) -> None:
     from components.train.checkpointer import CheckpointMismatchError
 
     manifest = write_pool(tmp_path, corrupt=False)
     run_pretraining(tiny_config(manifest, tmp_path / "out", iterations=2), CPU, tmp_path)
-    other = tiny_config(manifest, tmp_path / "out", iterations=4)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    for policy in ("error", "resume"):  # tensors of another shape can never be resumed
+        other = tiny_config(manifest, tmp_path / "out", iterations=2)
+        other.backbone.num_register_tokens = 2
+        other.checkpoint.on_config_change = policy  # type: ignore[assignment]
+        with pytest.raises(CheckpointMismatchError, match="another backbone or head"):
+            run_pretraining(other, CPU, tmp_path)
+    assert committed_steps(checkpoints) == ["step_000000002"]  # refusing touches nothing
+    other = tiny_config(manifest, tmp_path / "out", iterations=2)
     other.backbone.num_register_tokens = 2
-    with pytest.raises(CheckpointMismatchError, match="another backbone or head"):
-        run_pretraining(other, CPU, tmp_path)
-    longer, _ = run_pretraining(tiny_config(manifest, tmp_path / "out", iterations=4), CPU, tmp_path)
-    assert longer.start_step == 2 and longer.finished  # extending the schedule is allowed
+    restarted, _ = run_pretraining(other, CPU, tmp_path)  # default: restart
+    assert restarted.start_step == 0 and restarted.finished
+    (aside,) = (checkpoints / "superseded").iterdir()
+    assert committed_steps(aside) == ["step_000000002"]  # the old run is kept, not deleted
+    assert committed_steps(checkpoints) == ["step_000000002"]  # the new run's own
+
+
+def test_a_params_or_data_change_restarts_instead_of_resuming_the_finished_run(tmp_path: Path) -> None:
+    """dvc repro after editing params (or curation) must retrain, not resume the finished run and export it."""
+    import polars as pl
+
+    from components.train.checkpointer import CheckpointMismatchError
+
+    manifest = write_pool(tmp_path, corrupt=False)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    run_pretraining(tiny_config(manifest, tmp_path / "out", iterations=2), CPU, tmp_path)
+    same, _ = run_pretraining(tiny_config(manifest, tmp_path / "out", iterations=2), CPU, tmp_path)
+    assert same.start_step == 2 and same.end_step == 2  # the same run: resumed, nothing left to train
+
+    lr = tiny_config(manifest, tmp_path / "out", iterations=2)
+    lr.objective.optim.base_lr *= 2
+    restarted, _ = run_pretraining(lr, CPU, tmp_path)
+    assert restarted.start_step == 0 and restarted.end_step == 2
+    assert len(list((checkpoints / "superseded").iterdir())) == 1
+
+    curated = tmp_path / "curated.parquet"  # curation dropped an image: other training data
+    pl.read_parquet(manifest).head(20).write_parquet(curated)
+    data = tiny_config(curated, tmp_path / "out", iterations=2)
+    data.objective.optim.base_lr = lr.objective.optim.base_lr
+    data.checkpoint.on_config_change = "error"
+    with pytest.raises(CheckpointMismatchError, match=r"data\.manifest_digest.*data\.manifest_rows: 24 -> 20"):
+        run_pretraining(data, CPU, tmp_path)
+    data.checkpoint.on_config_change = "restart"
+    assert run_pretraining(data, CPU, tmp_path)[0].start_step == 0
+    assert len(list((checkpoints / "superseded").iterdir())) == 2
+
+    # Reporting and budget keys are not the run's identity: changing them resumes.
+    relogged = tiny_config(curated, tmp_path / "out", iterations=2, log_every=5, max_steps=1)
+    relogged.objective.optim.base_lr = lr.objective.optim.base_lr
+    relogged.checkpoint.keep_last = 1
+    assert run_pretraining(relogged, CPU, tmp_path)[0].start_step == 2
+
+
+def test_extending_the_schedule_restarts_by_default_and_continues_with_resume(tmp_path: Path) -> None:
+    manifest = write_pool(tmp_path, corrupt=False)
+    run_pretraining(tiny_config(manifest, tmp_path / "out", iterations=2), CPU, tmp_path)
+    longer = tiny_config(manifest, tmp_path / "out", iterations=4)
+    longer.checkpoint.on_config_change = "resume"  # the official behaviour: continue on the new schedule
+    continued, _ = run_pretraining(longer, CPU, tmp_path)
+    assert continued.start_step == 2 and continued.finished
+    fresh, _ = run_pretraining(tiny_config(manifest, tmp_path / "out", iterations=6), CPU, tmp_path)
+    assert fresh.start_step == 0 and fresh.finished  # a 6-step schedule is another trajectory
 
 
 def test_continued_pretraining_warms_up_heads_with_the_backbone_frozen(tmp_path: Path) -> None:

@@ -10,13 +10,20 @@ It owns what a checkpoint holds, when one is written and where:
   ``checkpoint.keep_last``, mirrored to the object store under ``checkpoint.store_prefix`` when set; a
   machine with no local checkpoint resumes from the newest mirrored one.
 
-Resuming refuses a checkpoint of another architecture (:class:`CheckpointMismatchError`). A rank the
-saving job did not have gets generators derived from (seed, rank, step) instead of a copy of rank 0's.
+Every checkpoint records the run's identity (components/train/run_identity.py: data, crops, objective,
+schedule, initial weights, architecture). A checkpoint of another identity is never resumed silently:
+``checkpoint.on_config_change`` restarts the run with the old checkpoints moved aside (default), stops
+with the changed keys named, or resumes anyway (the official behaviour; an architecture change still
+stops, :class:`CheckpointMismatchError`). A rank the saving job did not have gets generators derived
+from (seed, rank, step) instead of a copy of rank 0's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +36,17 @@ from components.storage import ObjectStore
 from components.train import checkpoint as ckpt
 from components.train.config import CheckpointConfig
 from components.train.distributed import DistEnv, barrier
+from components.train.run_identity import describe_changes, encode_identity
 
 log = logging.getLogger(__name__)
 
 
+SUPERSEDED_DIR = "superseded"  # under the checkpoint folder: runs a restart moved aside
+
+
 class CheckpointMismatchError(RuntimeError):
-    """The checkpoint to resume from belongs to a run with another architecture."""
+    """The checkpoint to resume from belongs to another run (another architecture, or another identity
+    with ``checkpoint.on_config_change: error``)."""
 
 
 def device_rng_states(device: torch.device) -> dict[str, Tensor]:
@@ -70,9 +82,12 @@ class Checkpointer:
     """Loads the newest complete checkpoint of a run and saves new ones (see the module docstring)."""
 
     def __init__(self, model: SSLMetaArch, optimizer: torch.optim.Optimizer, env: DistEnv, directory: Path,
-                 config: CheckpointConfig, fingerprint: str, seed: int, store: ObjectStore | None = None) -> None:
+                 config: CheckpointConfig, fingerprint: str, seed: int, store: ObjectStore | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
         self.model, self.optimizer, self.env = model, optimizer, env
         self.directory, self.config, self.fingerprint, self.seed = Path(directory), config, fingerprint, seed
+        # The run's identity (run_identity.run_identity); None: only the architecture is checked.
+        self.identity = identity
         self.store = store if config.store_prefix else None
         self.last_saved = 0  # the step of the newest checkpoint this run has (loaded or written)
 
@@ -82,7 +97,8 @@ class Checkpointer:
             loss.apply_center_update()  # a pending (lazy) center update must be in the saved buffers
         return {"model": self.model, "optimizer": self.optimizer,
                 "extra": {"step": step, "data_position": data_position, "rank": self.env.rank,
-                          **device_rng_states(self.env.device), "architecture": self.fingerprint}}
+                          **device_rng_states(self.env.device), "architecture": self.fingerprint,
+                          "identity": "" if self.identity is None else encode_identity(self.identity)}}
 
     def load(self) -> tuple[int, int]:
         """Resume from the newest complete checkpoint, if any: (step, data-stream position) to start from."""
@@ -90,7 +106,9 @@ class Checkpointer:
         latest = ckpt.latest_checkpoint(self.directory)
         if latest is None:
             return 0, 0
-        self.check_architecture(latest)
+        if not self.same_run(latest):
+            self.set_aside(latest)
+            return 0, 0
         state = self.state(0, 0)
         ckpt.load_checkpoint(latest, state)
         step, position = int(state["extra"]["step"]), int(state["extra"]["data_position"])
@@ -125,14 +143,63 @@ class Checkpointer:
                          self.config.store_prefix)
         barrier()
 
-    def check_architecture(self, path: Path) -> None:
-        probe: dict[str, Any] = {"extra": {"architecture": ""}}
+    def recorded(self, path: Path) -> tuple[str | None, str | None]:
+        """(architecture, identity) recorded in the checkpoint at ``path``; None where it predates the record."""
+        probe: dict[str, Any] = {"extra": {"architecture": "", "identity": ""}}
         ckpt.load_checkpoint(path, probe)
-        recorded = probe["extra"].get("architecture")
-        if recorded is None:  # written before the record existed: the strict model load still guards shapes
+        extra = probe["extra"]
+        identity = extra.get("identity")
+        return extra.get("architecture"), identity or None
+
+    def same_run(self, path: Path) -> bool:
+        """Whether ``path`` continues this run; raises where the policy (or the tensors) forbid going on."""
+        architecture, identity = self.recorded(path)
+        architecture_changed = architecture is not None and architecture != self.fingerprint
+        if architecture is None:  # written before the record existed: the strict model load still guards shapes
             log.warning("%s has no architecture record; loading it as is", path)
-            return
-        if recorded != self.fingerprint:
+        if identity is None or self.identity is None:
+            if architecture_changed and self.config.on_config_change != "restart":
+                raise self.architecture_error(path, architecture)
+            return not architecture_changed
+        recorded = json.loads(identity)
+        if recorded == self.identity and not architecture_changed:
+            return True
+        policy = self.config.on_config_change
+        changes = describe_changes(recorded, self.identity)
+        if policy == "restart":
+            log.warning("%s belongs to another run (%s): starting this one from step 0; checkpoint.on_config_change "
+                        "decides this", path, changes)
+            return False
+        if architecture_changed:
+            raise self.architecture_error(path, architecture, changes)
+        if policy == "error":
             raise CheckpointMismatchError(
-                f"{path} was written by a run with another backbone or head ({recorded}); this run has "
-                f"{self.fingerprint}. Use another run.output_dir, or delete the old checkpoints.")
+                f"{path} belongs to another run: {changes}. Set checkpoint.on_config_change to 'restart' (move "
+                f"its checkpoints aside and train from step 0) or 'resume' (continue from it anyway), use another "
+                f"run.output_dir, or restore the old params.")
+        log.warning("%s belongs to another run (%s); resuming it anyway (checkpoint.on_config_change: resume)",
+                    path, changes)
+        return True
+
+    def architecture_error(self, path: Path, recorded: str | None, changes: str = "") -> CheckpointMismatchError:
+        what = f"changed: {changes}" if changes else f"{recorded}; this run has {self.fingerprint}"
+        return CheckpointMismatchError(
+            f"{path} was written by a run with another backbone or head ({what}). Use another run.output_dir, "
+            f"delete the old checkpoints, or set checkpoint.on_config_change: restart.")
+
+    def set_aside(self, latest: Path) -> None:
+        """Move every checkpoint of the other run to ``superseded/<its identity digest>/`` (nothing is deleted;
+        an earlier copy of the same run there is replaced). Rank 0 moves; every rank waits for it."""
+        barrier()  # every rank has read the old checkpoint's record before rank 0 moves it
+        if self.env.is_main:
+            _, identity = self.recorded(latest)
+            key = hashlib.sha256((identity or self.recorded(latest)[0] or "").encode()).hexdigest()[:12]
+            target = self.directory / SUPERSEDED_DIR / key
+            if target.exists():
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+            for child in sorted(self.directory.iterdir()):
+                if child.name != SUPERSEDED_DIR:
+                    shutil.move(str(child), str(target / child.name))
+            log.warning("moved the other run's checkpoints to %s", target)
+        barrier()

@@ -91,10 +91,19 @@ class CheckpointConfig:
     """Also log the final full checkpoint (student, teacher, heads, optimizer) as MLflow artifacts of the
     run, so training can be continued (or distilled through the heads) from the registry's lineage; turn
     off for models whose checkpoint is very large."""
+    on_config_change: Literal["restart", "error", "resume"] = "restart"
+    """What a run does when the newest checkpoint in its folder belongs to a run with another identity
+    (other training data, crops, objective, schedule, initial weights or architecture;
+    components/train/run_identity.py): ``restart`` moves that run's checkpoints aside, to
+    ``checkpoints/superseded/<identity digest>/``, and trains from step 0 (so ``dvc repro`` after a params or
+    curation change retrains); ``error`` stops with the changed keys named; ``resume`` continues from it
+    anyway, as the official code does (an architecture change still stops: the tensors would not fit)."""
 
     def validate(self) -> None:
         if self.every < 1 or self.keep_last < 1:
             raise ValueError("every and keep_last must be >= 1")
+        if self.on_config_change not in ("restart", "error", "resume"):
+            raise ValueError(f"on_config_change must be 'restart', 'error' or 'resume', got {self.on_config_change!r}")
 
 
 @dataclass

@@ -54,6 +54,7 @@ from components.train.config import PretrainConfig
 from components.train.determinism import deterministic_algorithms
 from components.train.distributed import DistEnv, all_reduce_gradients, any_rank, broadcast_module
 from components.train.parallel import param_dtype_for, resolve_strategy, shard_meta_arch
+from components.train.run_identity import run_identity
 from components.train.tracking import NullTracker, StepTracker, flops_per_image, peak_flops
 
 log = logging.getLogger(__name__)
@@ -291,11 +292,12 @@ def training_loop(cfg: PretrainConfig, env: DistEnv, root: Path, tracker: StepTr
     model, optimizer = build_model(cfg, env, recipe)
     fsdp = resolve_strategy(cfg.parallel.strategy, env) == "fsdp"
     torch.manual_seed(cfg.data.seed + env.rank)  # drop path draws differ per rank; restored on resume
+    stream = DataStream(cfg, env, root, store)
+    fingerprint = recipe.fingerprint(cfg)
     checkpointer = Checkpointer(model, optimizer, env, root / cfg.run.output_dir / "checkpoints", cfg.checkpoint,
-                                recipe.fingerprint(cfg), cfg.data.seed, store)
+                                fingerprint, cfg.data.seed, store, run_identity(cfg, fingerprint, stream.frame))
     start, position = checkpointer.load()
     total = cfg.objective.optim.iterations
-    stream = DataStream(cfg, env, root, store)
     stream.seek(start, position)
     schedules = schedules_for(cfg, stream.global_batch)
     end = total if cfg.run.max_steps <= 0 else min(total, start + cfg.run.max_steps)
