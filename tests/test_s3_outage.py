@@ -265,6 +265,7 @@ def test_checkpoint_mirroring_survives_a_gateway_restart_and_resumes_from_the_mi
 
     shutil.rmtree(tmp_path / "out")  # a new machine: only the mirror is left
     cfg.objective.optim.iterations = 8
+    cfg.checkpoint.on_config_change = "resume"  # extending a finished schedule is a continuation by request
     resumed, _ = run_pretraining(cfg, CPU, tmp_path, store=store)
     assert resumed.start_step == 6 and resumed.finished and resumed.end_step == 8
     assert store.exists(f"ckpt/run1/{step_dir_name(8)}/{MARKER_NAME}")
