@@ -143,3 +143,16 @@ def test_curation_from_an_s3_pool(bucket_uri: str, tmp_path: Path) -> None:
     assert result.stats["rejected_by_reason"][reasons.EXACT_DUPLICATE] == 4
     scores = score_against_truth(demo.truth, result.ingest_kept, result.rejected, result.manifest)
     assert scores["corrupt_reason_accuracy"] == 1.0 and scores["dup_recall_near_jpeg"] == 1.0
+
+
+def test_dedup_params_reach_the_knn_graph_including_nprobe() -> None:
+    from components.config.loader import from_mapping
+    from components.curation.config import DedupConfig
+    from components.curation.pipeline import knn
+
+    cfg = from_mapping(DedupConfig, {"k": 8, "threshold": 0.9, "index": "ivf_blocked", "nprobe": 14})
+    graph = knn(cfg)
+    assert (graph.k, graph.threshold, graph.index, graph.nprobe) == (8, 0.9, "ivf_blocked", 14)
+    assert knn(DedupConfig()).nprobe is None  # the library default
+    with pytest.raises(ValueError, match="nprobe must be >= 1"):
+        DedupConfig(nprobe=0).validate()

@@ -91,7 +91,7 @@ def run_step(work_dir: Path, name: str, key: str, compute: Callable[[Path], None
 
 
 def knn(cfg: DedupConfig) -> KnnConfig:
-    return KnnConfig(k=cfg.k, threshold=cfg.threshold, index=cfg.index)
+    return KnnConfig(k=cfg.k, threshold=cfg.threshold, index=cfg.index, nprobe=cfg.nprobe)
 
 
 def without(section: Any, *names: str) -> dict[str, Any]:
