@@ -306,10 +306,10 @@ def test_each_rank_gets_its_own_generators_back_and_a_new_rank_a_derived_one() -
     assert rank_step_seed(7, 2, 40) != rank_step_seed(7, 1, 40) != rank_step_seed(7, 1, 41)
 
 
-def test_checkpointer_saves_when_due_and_on_the_last_step(tmp_path: Path) -> None:
+def tiny_model_optimizer_env() -> tuple[Any, torch.optim.Optimizer, Any]:
+    """A vit_pico meta-architecture with tiny heads, its AdamW and a one-process CPU environment."""
     from components.ssl.meta_arch import SSLMetaArch
-    from components.train.checkpointer import Checkpointer
-    from components.train.config import CheckpointConfig, PretrainConfig
+    from components.train.config import PretrainConfig
     from components.train.distributed import DistEnv
 
     cfg = PretrainConfig()
@@ -317,8 +317,14 @@ def test_checkpointer_saves_when_due_and_on_the_last_step(tmp_path: Path) -> Non
     cfg.objective.dino.head = cfg.objective.ibot.head = dataclasses.replace(
         cfg.objective.dino.head, n_prototypes=16, hidden_dim=16, bottleneck_dim=8)
     model = SSLMetaArch(cfg.backbone, cfg.objective)
-    optimizer = torch.optim.AdamW(model.parameters())
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return model, torch.optim.AdamW(model.parameters()), DistEnv(0, 1, 0, torch.device("cpu"))
+
+
+def test_checkpointer_saves_when_due_and_on_the_last_step(tmp_path: Path) -> None:
+    from components.train.checkpointer import Checkpointer
+    from components.train.config import CheckpointConfig
+
+    model, optimizer, env = tiny_model_optimizer_env()
     checkpointer = Checkpointer(model, optimizer, env, tmp_path / "ckpt", CheckpointConfig(every=3, keep_last=1),
                                 "arch-a", seed=0)
     assert checkpointer.load() == (0, 0)  # nothing yet: a fresh run
@@ -340,18 +346,10 @@ def test_checkpointer_saves_when_due_and_on_the_last_step(tmp_path: Path) -> Non
 
 
 def test_checkpointer_compares_the_run_identity_under_each_policy(tmp_path: Path) -> None:
-    from components.ssl.meta_arch import SSLMetaArch
     from components.train.checkpointer import Checkpointer, CheckpointMismatchError
-    from components.train.config import CheckpointConfig, PretrainConfig
-    from components.train.distributed import DistEnv
+    from components.train.config import CheckpointConfig
 
-    cfg = PretrainConfig()
-    cfg.backbone = dataclasses.replace(cfg.backbone, arch="vit_pico", patch_size=4, img_size=28)
-    cfg.objective.dino.head = cfg.objective.ibot.head = dataclasses.replace(
-        cfg.objective.dino.head, n_prototypes=16, hidden_dim=16, bottleneck_dim=8)
-    model = SSLMetaArch(cfg.backbone, cfg.objective)
-    optimizer = torch.optim.AdamW(model.parameters())
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model, optimizer, env = tiny_model_optimizer_env()
     folder = tmp_path / "ckpt"
 
     def checkpointer(identity: dict[str, object], policy: str = "restart") -> Checkpointer:

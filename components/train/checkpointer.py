@@ -106,8 +106,9 @@ class Checkpointer:
         latest = ckpt.latest_checkpoint(self.directory)
         if latest is None:
             return 0, 0
-        if not self.same_run(latest):
-            self.set_aside(latest)
+        architecture, identity = self.recorded(latest)
+        if not self.same_run(latest, architecture, identity):
+            self.set_aside(identity or architecture or "")
             return 0, 0
         state = self.state(0, 0)
         ckpt.load_checkpoint(latest, state)
@@ -151,9 +152,9 @@ class Checkpointer:
         identity = extra.get("identity")
         return extra.get("architecture"), identity or None
 
-    def same_run(self, path: Path) -> bool:
-        """Whether ``path`` continues this run; raises where the policy (or the tensors) forbid going on."""
-        architecture, identity = self.recorded(path)
+    def same_run(self, path: Path, architecture: str | None, identity: str | None) -> bool:
+        """Whether ``path`` (with its :meth:`recorded` values) continues this run; raises where the policy (or
+        the tensors) forbid going on."""
         architecture_changed = architecture is not None and architecture != self.fingerprint
         if architecture is None:  # written before the record existed: the strict model load still guards shapes
             log.warning("%s has no architecture record; loading it as is", path)
@@ -162,7 +163,7 @@ class Checkpointer:
                 raise self.architecture_error(path, architecture)
             return not architecture_changed
         recorded = json.loads(identity)
-        if recorded == self.identity and not architecture_changed:
+        if recorded == self.identity:  # the identity holds the architecture
             return True
         policy = self.config.on_config_change
         changes = describe_changes(recorded, self.identity)
@@ -187,13 +188,12 @@ class Checkpointer:
             f"{path} was written by a run with another backbone or head ({what}). Use another run.output_dir, "
             f"delete the old checkpoints, or set checkpoint.on_config_change: restart.")
 
-    def set_aside(self, latest: Path) -> None:
-        """Move every checkpoint of the other run to ``superseded/<its identity digest>/`` (nothing is deleted;
+    def set_aside(self, record: str) -> None:
+        """Move every checkpoint of the other run to ``superseded/<digest of its record>/`` (nothing is deleted;
         an earlier copy of the same run there is replaced). Rank 0 moves; every rank waits for it."""
         barrier()  # every rank has read the old checkpoint's record before rank 0 moves it
         if self.env.is_main:
-            _, identity = self.recorded(latest)
-            key = hashlib.sha256((identity or self.recorded(latest)[0] or "").encode()).hexdigest()[:12]
+            key = hashlib.sha256(record.encode()).hexdigest()[:12]
             target = self.directory / SUPERSEDED_DIR / key
             if target.exists():
                 shutil.rmtree(target)
